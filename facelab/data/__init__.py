@@ -1,0 +1,1 @@
+"""Sample schema, webdataset shards, DataModules, synthetic corpus, preprocessing (issue #4)."""

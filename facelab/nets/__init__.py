@@ -1,0 +1,1 @@
+"""Network building blocks: timm encoders, heads, graph convolutions, discriminators, identity net."""

@@ -1,0 +1,1 @@
+"""Differentiable rendering: cameras, SH lighting, shading, rasterizer backends (issue #3)."""

@@ -1,0 +1,1 @@
+"""Overlays, image grids and mesh export."""
