@@ -1,0 +1,111 @@
+"""The torch rasterizer backend against analytic cases and finite differences."""
+
+from __future__ import annotations
+
+import torch
+
+from facelab.render.rasterize import antialias, interpolate, rasterize, texture
+
+
+def clip(points_xy_ndc, depth=0.0, w=1.0):
+    points = torch.as_tensor(points_xy_ndc, dtype=torch.float32)
+    count = len(points)
+    return torch.cat([points * w, torch.full((count, 1), depth * w), torch.full((count, 1), w)], 1)[None]
+
+
+def test_covered_pixel_count_matches_triangle_area():
+    height, width = 96, 128
+    corners = torch.tensor([[-0.71, -0.63], [0.83, -0.21], [-0.12, 0.77]])
+    rast = rasterize(clip(corners), torch.tensor([[0, 1, 2]]), (height, width))
+    pixels = torch.stack([(corners[:, 0] + 1) * width / 2, (1 - corners[:, 1]) * height / 2], 1)
+    edge_a, edge_b = pixels[1] - pixels[0], pixels[2] - pixels[0]
+    area = 0.5 * abs(float(edge_a[0] * edge_b[1] - edge_a[1] * edge_b[0]))
+    covered = int((rast[..., 3] > 0).sum())
+    assert abs(covered - area) < 0.01 * area, (covered, area)
+
+
+def test_nearer_of_two_overlapping_triangles_wins_in_either_order():
+    far = clip([[-1, -1], [1, -1], [0, 1]], depth=0.5)
+    near = clip([[-1, -1], [1, -1], [0, 1]], depth=-0.5)
+    for pos, expected in [(torch.cat([far, near], 1), 2), (torch.cat([near, far], 1), 1)]:
+        rast = rasterize(pos, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32))
+        ids = rast[..., 3][rast[..., 3] > 0]
+        assert ids.numel() > 0 and bool((ids == expected).all())
+
+
+def test_image_row_zero_is_the_top():
+    pos = clip([[-1, 0.5], [1, 0.5], [0, 1]])  # a triangle in the upper part of ndc space
+    rast = rasterize(pos, torch.tensor([[0, 1, 2]]), (40, 40))
+    rows = torch.nonzero(rast[0, ..., 3] > 0)[:, 0]
+    assert rows.max() < 10
+
+
+def test_interpolation_reproduces_linear_attributes_under_perspective():
+    # a tilted triangle in camera space (OpenGL camera at the origin looking down -z)
+    vertices = torch.tensor([[-40.0, -30.0, -300.0], [50.0, -20.0, -420.0], [0.0, 45.0, -350.0]])
+    focal, size = 500.0, 64
+    w = -vertices[:, 2]
+    pos = torch.stack([vertices[:, 0] * focal / (size / 2), vertices[:, 1] * focal / (size / 2),
+                       torch.zeros(3), w], 1)[None]
+    coefficients = torch.tensor([0.3, -0.2, 0.05])
+    attribute = (vertices @ coefficients + 7.0)[:, None]
+    rast = rasterize(pos, torch.tensor([[0, 1, 2]]), (size, size))
+    values = interpolate(attribute, rast, torch.tensor([[0, 1, 2]]))[0, ..., 0]
+    hit = rast[0, ..., 3] > 0
+    rows, cols = torch.nonzero(hit, as_tuple=True)
+    # the 3D point seen through each pixel centre: the ray hits the triangle's plane
+    ndc_x = (cols + 0.5) / (size / 2) - 1
+    ndc_y = 1 - (rows + 0.5) / (size / 2)
+    directions = torch.stack([ndc_x * (size / 2) / focal, ndc_y * (size / 2) / focal, -torch.ones_like(ndc_x)], 1)
+    normal = torch.linalg.cross(vertices[1] - vertices[0], vertices[2] - vertices[0])
+    distance = (normal @ vertices[0]) / (directions @ normal)
+    expected = (directions * distance[:, None]) @ coefficients + 7.0
+    torch.testing.assert_close(values[hit], expected, atol=1e-3, rtol=1e-4)
+
+
+def test_interpolate_passes_gradcheck():
+    pos = clip([[-0.8, -0.7], [0.9, -0.6], [0.1, 0.8]]).double()
+    pos[..., 3] = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
+    pos[..., :2] *= pos[..., 3:4]
+    tri = torch.tensor([[0, 1, 2]])
+    attribute = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    pos.requires_grad_(True)
+
+    def render(attr, positions):
+        return interpolate(attr, rasterize(positions, tri, (6, 7)), tri)
+
+    assert torch.autograd.gradcheck(render, (attribute, pos), eps=1e-6, atol=1e-6)
+
+
+def _silhouette_scene(vertex_x: torch.Tensor):
+    """A quad over a coloured background plane; vertex 0's x is the free variable."""
+    quad = torch.stack([
+        torch.stack([vertex_x, torch.tensor(-0.55)]), torch.tensor([0.6, -0.5]),
+        torch.tensor([0.55, 0.62]), torch.tensor([-0.58, 0.5])])
+    back = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    xy = torch.cat([quad, back])
+    pos = torch.cat([xy, torch.tensor([[-0.5]] * 4 + [[0.5]] * 4), torch.ones(8, 1)], 1)[None]
+    tri = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    colours = torch.tensor([[1.0, 0.2, 0.1], [0.9, 0.8, 0.1], [0.1, 0.9, 0.3], [0.3, 0.2, 0.9]] + [[0.05, 0.1, 0.2]] * 4)
+    rast = rasterize(pos, tri, (48, 48))
+    return antialias(interpolate(colours, rast, tri), rast, pos, tri)
+
+
+def test_silhouette_gradients_match_finite_differences():
+    weights = torch.rand(1, 48, 48, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(-0.6, requires_grad=True)
+    (_silhouette_scene(x) * weights).sum().backward()
+    step = 2e-3  # under a tenth of a pixel
+    with torch.no_grad():
+        plus = (_silhouette_scene(x + step) * weights).sum()
+        minus = (_silhouette_scene(x - step) * weights).sum()
+    numeric = (plus - minus) / (2 * step)
+    assert abs(float(x.grad) - float(numeric)) <= 0.05 * abs(float(numeric)), (float(x.grad), float(numeric))
+    assert abs(float(numeric)) > 1.0  # the silhouette does move the image
+
+
+def test_texture_samples_bilinearly_with_v_up():
+    tex = torch.tensor([[[[0.0], [1.0]], [[2.0], [3.0]]]])  # row 0 is v = 1 (top)
+    uv = torch.tensor([[[[0.25, 0.75], [0.75, 0.25], [0.5, 0.5]]]])
+    values = texture(tex, uv)[0, 0, :, 0]
+    torch.testing.assert_close(values, torch.tensor([0.0, 3.0, 1.5]))
