@@ -1,0 +1,119 @@
+"""MeshRenderer: one render call from clip positions, geometry and appearance to images.
+
+Composes the rasterizer primitives (any backend) with per-pixel shading: interpolate normals,
+positions and albedo (per vertex or from a UV texture), shade in linear colour (SH diffuse +
+optional Blinn-Phong), antialias, and return everything a loss needs, channel-first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .backends import get_rasterizer
+from .shading import blinn_phong, gamma_encode, lambertian
+from .lighting import sh_irradiance
+
+
+@dataclass
+class RenderOutput:
+    """All (B,C,H,W) float32, row 0 at the top. image: shaded colour (gamma-encoded when the
+    renderer has a gamma, else linear); alpha: coverage (antialiased at silhouettes); depth:
+    z/w (background 0); normals: unit, in the frame of the vertices given; attributes:
+    name -> interpolated extra attribute; rast: the raw (B,H,W,4) rasterizer output."""
+
+    image: Tensor
+    alpha: Tensor
+    depth: Tensor
+    normals: Tensor
+    rast: Tensor
+    attributes: dict[str, Tensor] = field(default_factory=dict)
+
+
+def vertex_normals(vertices: Tensor, triangles: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals, differentiable. vertices (B,V,3), triangles (T,3)."""
+    corners = vertices[:, triangles]  # (B,T,3,3)
+    face = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0], dim=-1)
+    normals = torch.zeros_like(vertices)
+    for corner in range(3):
+        normals = normals.index_add(1, triangles[:, corner], face)
+    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class MeshRenderer(nn.Module):
+    """Render triangle meshes.
+
+    Args:
+        image_size: (H, W).
+        backend: "auto", "torch" or "nvdiffrast" (see ``facelab.render.backends``).
+        antialias: blend across silhouettes (needed for silhouette gradients).
+        gamma: encode the shaded image with x^(1/gamma); None keeps it linear.
+    """
+
+    def __init__(self, image_size: tuple[int, int], backend: str = "auto", antialias: bool = True,
+                 gamma: float | None = 2.2):
+        super().__init__()
+        self.image_size = tuple(image_size)
+        self.backend = backend
+        self.antialias = antialias
+        self.gamma = gamma
+        self._rasterizers: dict[str, object] = {}
+
+    def rasterizer(self, device: torch.device):
+        key = str(device)
+        if key not in self._rasterizers:
+            self._rasterizers[key] = get_rasterizer(self.backend, device)
+        return self._rasterizers[key]
+
+    def forward(self, clip: Tensor, vertices: Tensor, triangles: Tensor, sh: Tensor, *,
+                albedo: Tensor | None = None, texture: Tensor | None = None, uv: Tensor | None = None,
+                uv_triangles: Tensor | None = None, specular: Tensor | None = None,
+                light_position: Tensor | None = None, view_position: Tensor | None = None,
+                shininess: Tensor | float = 20.0, attributes: dict[str, Tensor] | None = None) -> RenderOutput:
+        """clip: (B,V,4) clip-space positions; vertices: (B,V,3) the same mesh in the frame used
+        for shading (camera space for a perspective camera: normals, positions, light and view
+        positions all in it); triangles: (T,3); sh: (B,C,9).
+        Albedo: per vertex `albedo` (B,V,3), or `texture` (B,Ht,Wt,3) with `uv` (Vt,2) and
+        `uv_triangles` (T,3). Specular (optional): `specular` (B,V,3|1) per-vertex specular
+        albedo with a point light `light_position` (B,3), a `view_position` (B,3) and `shininess`.
+        attributes: extra per-vertex values (B|1,V,C) to interpolate."""
+        with torch.autocast(clip.device.type, enabled=False):
+            raster = self.rasterizer(clip.device)
+            rast = raster.rasterize(clip, triangles, self.image_size)
+            covered = (rast[..., 3:4] > 0).to(clip.dtype)
+            normals = vertex_normals(vertices, triangles)
+            pixel_normals = raster.interpolate(normals, rast, triangles)
+            pixel_normals = pixel_normals / pixel_normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if texture is not None:
+                if uv is None or uv_triangles is None:
+                    raise ValueError("a texture needs uv (Vt,2) and uv_triangles (T,3)")
+                pixel_uv = raster.interpolate(uv, rast, uv_triangles)
+                pixel_albedo = raster.texture(texture, pixel_uv)
+            elif albedo is not None:
+                pixel_albedo = raster.interpolate(albedo, rast, triangles)
+            else:
+                raise ValueError("give per-vertex albedo or a UV texture")
+            color = lambertian(pixel_albedo, sh_irradiance(pixel_normals, sh))
+            if specular is not None:
+                positions = raster.interpolate(vertices, rast, triangles)
+                color = color + blinn_phong(pixel_normals, positions, view_position=view_position,
+                                            light_position=light_position, shininess=shininess,
+                                            specular_albedo=raster.interpolate(specular, rast, triangles))
+            color = color * covered
+            if self.gamma is not None:
+                color = gamma_encode(color, self.gamma) * covered
+            stacked = torch.cat([color, covered], dim=-1)
+            if self.antialias:
+                stacked = raster.antialias(stacked, rast, clip, triangles)
+            extra = {name: _channels_first(raster.interpolate(value, rast, triangles))
+                     for name, value in (attributes or {}).items()}
+            return RenderOutput(
+                image=_channels_first(stacked[..., :3]), alpha=_channels_first(stacked[..., 3:]),
+                depth=_channels_first(rast[..., 2:3]), normals=_channels_first(pixel_normals * covered),
+                rast=rast, attributes=extra)
+
+
+def _channels_first(tensor: Tensor) -> Tensor:
+    return tensor.permute(0, 3, 1, 2)
