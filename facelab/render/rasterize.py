@@ -14,14 +14,16 @@ Four primitives, composable into any renderer:
 Conventions: clip space as OpenGL (ndc = xyz / w in [-1, 1]); image row 0 is ndc y = +1 (top),
 column 0 is ndc x = -1; pixel centres at +0.5. ``rast`` is (B,H,W,4) float32 =
 (u, v, z/w, triangle_id + 1) with 0 meaning background, u and v the barycentric weights of the
-triangle's second and third vertex. All math in float32 (float64 inputs stay float64, for gradcheck) with autocast off. No Python loop runs
-over triangles or pixels.
+triangle's second and third vertex. All math in float32 (float64 inputs stay float64, for
+gradcheck) with autocast off. No Python loop runs over triangles or pixels.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .camera import ndc_to_pixels
 
 _DEPTH_LEVELS = 2**31 - 1
 _NO_HIT = torch.iinfo(torch.int64).max
@@ -106,12 +108,13 @@ def _barycentrics(pos, tri, triangle_ids, height, width) -> torch.Tensor:
     b_index, y, x = torch.nonzero(hit, as_tuple=True)
     corners_clip = pos[b_index[:, None], tri[triangle_ids[hit]]]  # (N,3,4)
     w = corners_clip[..., 3]
-    screen = _to_pixels(corners_clip[..., :2] / w[..., None], height, width)
+    screen = ndc_to_pixels(corners_clip[..., :2] / w[..., None], (height, width))
+    planes = _plane_coefficients(screen, corners_clip[..., 2] / w)  # winners are never degenerate
     centre = torch.stack([x, y], dim=-1).to(pos.dtype) + 0.5
-    linear = _edge_weights(screen, centre)  # screen-space barycentrics
+    at_centre = planes[..., 0] * centre[:, :1] + planes[..., 1] * centre[:, 1:] + planes[..., 2]
+    linear, depth = at_centre[:, :3], at_centre[:, 3]  # screen-space barycentrics, z/w
     perspective = linear / w
     perspective = perspective / perspective.sum(-1, keepdim=True)
-    depth = (linear * corners_clip[..., 2] / w).sum(-1)
     values = torch.stack([perspective[:, 1], perspective[:, 2], depth,
                           (triangle_ids[hit] + 1).to(pos.dtype)], dim=-1)
     rast = pos.new_zeros(batch, height, width, 4)
@@ -160,7 +163,7 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: t
     with torch.autocast(color.device.type, enabled=False):
         color = _full_precision(color)
         batch, height, width, _ = color.shape
-        screen = _to_pixels(pos[..., :2] / pos[..., 3:4], height, width)  # (B,V,2), differentiable
+        screen = ndc_to_pixels(pos[..., :2] / pos[..., 3:4], (height, width))  # (B,V,2), differentiable
         ids = rast[..., 3].long() - 1
         depth = rast[..., 2].detach()
         delta = torch.zeros_like(color)
@@ -228,23 +231,7 @@ def _screen(pos, height, width):
     valid = w > 1e-8
     safe_w = torch.where(valid, w, torch.ones_like(w))
     ndc = pos[..., :3] / safe_w[..., None]
-    return _to_pixels(ndc[..., :2], height, width), ndc[..., 2], valid
-
-
-def _to_pixels(ndc_xy: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    x = (ndc_xy[..., 0] + 1) * (0.5 * width)
-    y = (1 - ndc_xy[..., 1]) * (0.5 * height)
-    return torch.stack([x, y], dim=-1)
-
-
-def _edge_weights(corners: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """Screen-space barycentric weights (N,3) of points (N,2) in triangles (N,3,2); any winding."""
-    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
-    area = _cross(b - a, c - a)
-    safe = torch.where(area.abs() > 1e-12, area, torch.full_like(area, float("inf")))
-    w0 = _cross(c - b, point - b) / safe
-    w1 = _cross(a - c, point - c) / safe
-    return torch.stack([w0, w1, 1 - w0 - w1], dim=-1)
+    return ndc_to_pixels(ndc[..., :2], (height, width)), ndc[..., 2], valid
 
 
 def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

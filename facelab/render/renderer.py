@@ -101,8 +101,7 @@ class MeshRenderer(nn.Module):
                 color = color + blinn_phong(pixel_normals, positions, view_position=view_position,
                                             light_position=light_position, shininess=shininess,
                                             specular_albedo=raster.interpolate(specular, rast, triangles))
-            color = color * covered
-            if self.gamma is not None:
+            if self.gamma is not None:  # background is 0 already; gamma_encode's clamp lifts it
                 color = gamma_encode(color, self.gamma) * covered
             stacked = torch.cat([color, covered], dim=-1)
             if self.antialias:
