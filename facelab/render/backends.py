@@ -35,8 +35,13 @@ class TorchRasterizer:
 
     name = "torch"
 
+    def __init__(self, visibility: str = "auto"):
+        if visibility not in torch_ops.VISIBILITY:
+            raise ValueError(f"unknown visibility {visibility!r}; valid: {', '.join(torch_ops.VISIBILITY)}")
+        self.visibility = visibility
+
     def rasterize(self, pos, tri, resolution):
-        return torch_ops.rasterize(pos, tri, resolution)
+        return torch_ops.rasterize(pos, tri, resolution, self.visibility)
 
     def interpolate(self, attr, rast, tri):
         return torch_ops.interpolate(attr, rast, tri)
@@ -84,8 +89,10 @@ def nvdiffrast_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("nvdiffrast") is not None
 
 
-def get_rasterizer(backend: str = "auto", device: torch.device | str | None = None) -> Rasterizer:
-    """The rasterizer for `backend` ("auto", "torch" or "nvdiffrast") on `device`."""
+def get_rasterizer(backend: str = "auto", device: torch.device | str | None = None,
+                   visibility: str = "auto") -> Rasterizer:
+    """The rasterizer for `backend` ("auto", "torch" or "nvdiffrast") on `device`; `visibility`
+    picks the torch backend's visibility step (see ``facelab.render.rasterize.rasterize``)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown renderer backend {backend!r}; valid: {', '.join(BACKENDS)}")
     device = torch.device(device) if device is not None else None
@@ -93,7 +100,7 @@ def get_rasterizer(backend: str = "auto", device: torch.device | str | None = No
     if backend == "auto":
         backend = "nvdiffrast" if on_cuda and nvdiffrast_available() else "torch"
     if backend == "torch":
-        return TorchRasterizer()
+        return TorchRasterizer(visibility)
     if not torch.cuda.is_available():
         raise RuntimeError("renderer=nvdiffrast needs a CUDA device; use renderer=torch (or auto) on this machine")
     if importlib.util.find_spec("nvdiffrast") is None:

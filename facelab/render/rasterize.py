@@ -23,35 +23,44 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import visibility_numba
 from .camera import ndc_to_pixels
 
 _DEPTH_LEVELS = 2**31 - 1
 _NO_HIT = torch.iinfo(torch.int64).max
 
 
-def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
+VISIBILITY = ("auto", "torch", "numba")
+
+
+def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
+              visibility: str = "auto") -> torch.Tensor:
     """Rasterize triangles.
 
     pos: (B,V,4) float32 clip-space positions; tri: (T,3) int vertex ids (shared by the batch);
-    resolution: (H, W). Returns rast (B,H,W,4) float32 (see module docstring); its u, v and z/w
-    are differentiable with respect to pos. Triangles with a vertex at w <= 0 are not drawn.
+    resolution: (H, W); visibility: "torch" (the vectorised reference), "numba" (the same
+    z-buffer compiled, CPU) or "auto" (numba for CPU tensors when it imports). Returns rast
+    (B,H,W,4) float32 (see module docstring); its u, v and z/w are differentiable with respect
+    to pos. Triangles with a vertex at w <= 0 are not drawn.
     """
     _check(pos, tri)
     with torch.autocast(pos.device.type, enabled=False):
         pos = _full_precision(pos)
         tri = tri.long()
         height, width = resolution
-        triangle_ids = visible_triangles(pos.detach(), tri, height, width)
+        triangle_ids = visible_triangles(pos.detach(), tri, height, width, visibility)
         return _barycentrics(pos, tri, triangle_ids, height, width)
 
 
-def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int,
+                      visibility: str = "torch") -> torch.Tensor:
     """Nearest triangle id per pixel (B,H,W) int64, -1 for background. No gradients.
 
     Each triangle's bounding box gives candidate pixels; the triangle's three edge functions and
     its screen-space depth plane, packed in one row per triangle, test each candidate (one
     gather per candidate); a ``scatter_reduce(amin)`` over keys packing quantised depth above
-    the triangle id resolves visibility (ties go to the lower id).
+    the triangle id resolves visibility (ties go to the lower id). ``visibility="numba"`` runs
+    the same test in a compiled loop (:mod:`facelab.render.visibility_numba`).
     """
     batch = pos.shape[0]
     with torch.no_grad():
@@ -64,6 +73,8 @@ def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: 
         hi = torch.floor(corners.amax(dim=1) - 0.5)
         hi = torch.minimum(hi, hi.new_tensor([width - 1, height - 1]))
         extent = (hi - lo + 1).clamp_min(0).long()  # (B*T,2) columns, rows
+        if _use_numba(visibility, pos.device):
+            return visibility_numba.zbuffer(planes, lo.long(), extent, drawable, batch, height, width)
         count = torch.where(drawable, extent[:, 0] * extent[:, 1], 0)
         flat_triangle = torch.repeat_interleave(torch.arange(count.numel(), device=pos.device), count)
         first = torch.cumsum(count, 0) - count
@@ -82,6 +93,22 @@ def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: 
         keys.scatter_reduce_(0, (image * height + y) * width + x, (quantised << 32) | triangle, "amin")
         ids = torch.where(keys == _NO_HIT, -1, keys & 0xFFFFFFFF)
         return ids.reshape(batch, height, width)
+
+
+def _use_numba(visibility: str, device: torch.device) -> bool:
+    if visibility not in VISIBILITY:
+        raise ValueError(f"unknown visibility {visibility!r}; valid: {', '.join(VISIBILITY)}")
+    if visibility == "torch":
+        return False
+    if visibility == "numba":
+        if device.type != "cpu":
+            raise ValueError("visibility='numba' runs on CPU tensors; use 'torch' or 'auto' on "
+                             f"{device.type}")
+        if not visibility_numba.available():
+            raise RuntimeError("visibility='numba' needs the numba package (pip install numba), "
+                               "or use visibility='torch'")
+        return True
+    return device.type == "cpu" and visibility_numba.available()
 
 
 def _plane_coefficients(corners: torch.Tensor, corner_depth: torch.Tensor) -> torch.Tensor:
@@ -150,33 +177,40 @@ def texture(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 
 
 def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
-    """Blend colours across geometric edges. color: (B,H,W,C); rast: from ``rasterize``;
+    """Blend colours across silhouette edges. color: (B,H,W,C); rast: from ``rasterize``;
     pos: (B,V,4) clip positions; tri: (T,3). Returns (B,H,W,C).
 
-    For each horizontally or vertically adjacent pixel pair with different triangles, the
-    nearer one's triangle ("front") is followed along the segment between the two centres to
-    the edge where it ends, at fraction t. Unless the other pixel's triangle shares that edge
-    (an interior edge of one surface), the pixel on the far side takes (t - 0.5) of the front
+    A silhouette edge is a mesh edge with one drawn triangle (a boundary, or a neighbour that is
+    not drawn) or with drawn triangles facing opposite ways on screen; interior edges of a
+    continuous surface are left alone, as nvdiffrast does. For each horizontally or vertically
+    adjacent pixel pair with different triangles, the nearer one's triangle ("front") is
+    followed along the segment between the two centres to the edge where it ends, at fraction
+    t. If that edge is a silhouette edge, the pixel on the far side takes (t - 0.5) of the front
     colour when t > 0.5, and the front pixel takes (0.5 - t) of the other colour when t < 0.5.
     t depends differentiably on the front triangle's vertices.
     """
     with torch.autocast(color.device.type, enabled=False):
         color = _full_precision(color)
         batch, height, width, _ = color.shape
+        tri = tri.long()
         screen = ndc_to_pixels(pos[..., :2] / pos[..., 3:4], (height, width))  # (B,V,2), differentiable
+        silhouette = _silhouette_edges(screen.detach(), pos[..., 3].detach() > 1e-8, tri)  # (B,T,3)
         ids = rast[..., 3].long() - 1
         depth = rast[..., 2].detach()
+        has_silhouette = silhouette.any(dim=-1)
+        on_silhouette = torch.where(ids >= 0, has_silhouette.gather(1, ids.clamp_min(0).reshape(batch, -1))
+                                    .reshape(ids.shape), False)
         delta = torch.zeros_like(color)
-        tri = tri.long()
         for axis in (1, 2):  # rows (vertical pairs), then columns (horizontal pairs)
             size = (height, width)[axis - 1]
             first = [slice(None)] * 3
             second = [slice(None)] * 3
             first[axis], second[axis] = slice(0, size - 1), slice(1, size)
-            id_a, id_b = ids[tuple(first)], ids[tuple(second)]
-            a_front = (id_a >= 0) & ((id_b < 0) | (depth[tuple(first)] < depth[tuple(second)]))
-            pairs = (id_a != id_b) & ((id_a >= 0) | (id_b >= 0))
-            b_index, row, col = torch.nonzero(pairs, as_tuple=True)
+            first, second = tuple(first), tuple(second)
+            id_a, id_b = ids[first], ids[second]
+            a_front = (id_a >= 0) & ((id_b < 0) | (depth[first] < depth[second]))
+            candidate = (id_a != id_b) & torch.where(a_front, on_silhouette[first], on_silhouette[second])
+            b_index, row, col = torch.nonzero(candidate, as_tuple=True)
             a_is_front = a_front[b_index, row, col]
             step = torch.zeros(len(b_index), 2, dtype=torch.long, device=color.device)
             step[:, 2 - axis] = 1  # (dx, dy) from a to b
@@ -184,11 +218,9 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: t
             pixel_front = torch.where(a_is_front[:, None], pixel_a, pixel_a + step)
             pixel_other = torch.where(a_is_front[:, None], pixel_a + step, pixel_a)
             front_id = ids[b_index, pixel_front[:, 1], pixel_front[:, 0]]
-            other_id = ids[b_index, pixel_other[:, 1], pixel_other[:, 0]]
             corners = screen[b_index[:, None], tri[front_id]]  # (N,3,2)
             t, edge = _exit_fraction(corners, pixel_front.to(color.dtype) + 0.5, pixel_other.to(color.dtype) + 0.5)
-            shared = _shares_edge(tri, front_id, other_id, edge)
-            keep = torch.isfinite(t) & ~shared
+            keep = torch.isfinite(t) & silhouette[b_index, front_id, edge]
             t = torch.where(keep, t, torch.full_like(t, 0.5))
             front_color = color[b_index, pixel_front[:, 1], pixel_front[:, 0]]
             other_color = color[b_index, pixel_other[:, 1], pixel_other[:, 0]]
@@ -216,14 +248,44 @@ def _exit_fraction(corners: torch.Tensor, start: torch.Tensor, end: torch.Tensor
     return t, edge
 
 
-def _shares_edge(tri, front_id, other_id, edge) -> torch.Tensor:
-    """Whether the other pixel's triangle contains both vertices of the front triangle's edge."""
-    front = tri[front_id]
-    a = front.gather(1, edge[:, None])
-    b = front.gather(1, ((edge + 1) % 3)[:, None])
-    other = tri[other_id.clamp_min(0)]
-    has = lambda vertex: (other == vertex).any(dim=1)  # noqa: E731
-    return (other_id >= 0) & has(a) & has(b)
+def _silhouette_edges(screen: torch.Tensor, valid: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """(B,T,3) bool: whether edge k (corners k -> k+1) of each triangle is a silhouette edge in
+    each image: fewer than two drawn triangles on it, or drawn triangles of both screen windings.
+    screen: (B,V,2) pixels; valid: (B,V) w > 0; tri: (T,3) long."""
+    edge_of_corner, edge_count = _edge_ids(tri)
+    corners = screen[:, tri]  # (B,T,3,2)
+    winding = _cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0])
+    drawn = valid[:, tri].all(dim=-1) & (winding != 0)
+    forward = (drawn & (winding > 0)).to(torch.int32)
+    batch = screen.shape[0]
+    index = edge_of_corner.reshape(1, -1).expand(batch, -1)
+    per_corner = lambda flags: flags[:, :, None].expand(-1, -1, 3).reshape(batch, -1)  # noqa: E731
+    drawn_count = torch.zeros(batch, edge_count, dtype=torch.int32, device=screen.device)
+    drawn_count.scatter_add_(1, index, per_corner(drawn.to(torch.int32)))
+    forward_count = torch.zeros_like(drawn_count).scatter_add_(1, index, per_corner(forward))
+    drawn_edge, forward_edge = drawn_count.gather(1, index), forward_count.gather(1, index)
+    mixed = (forward_edge > 0) & (forward_edge < drawn_edge)
+    return ((drawn_edge < 2) | mixed).reshape(batch, -1, 3)
+
+
+_EDGE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _edge_ids(tri: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Undirected edge id of each triangle edge (T,3) (edge k joins corners k, k+1), and the
+    number of edges. Cached per triangle tensor, since a mesh's topology does not change."""
+    key = (tri.data_ptr(), tuple(tri.shape), tri.device, tri._version)
+    cached = _EDGE_CACHE.get(key)
+    if cached is not None and torch.equal(cached[0], tri):
+        return cached[1], cached[2]
+    start, end = tri, tri.roll(-1, dims=1)
+    vertex_count = int(tri.max()) + 1 if tri.numel() else 1
+    packed = torch.minimum(start, end) * vertex_count + torch.maximum(start, end)
+    unique, edge_of_corner = torch.unique(packed.reshape(-1), return_inverse=True)
+    if len(_EDGE_CACHE) > 16:
+        _EDGE_CACHE.clear()
+    _EDGE_CACHE[key] = (tri.clone(), edge_of_corner.reshape(tri.shape), unique.numel())
+    return edge_of_corner.reshape(tri.shape), unique.numel()
 
 
 def _screen(pos, height, width):

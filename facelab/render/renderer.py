@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from .backends import get_rasterizer
 from .shading import blinn_phong, gamma_encode, lambertian
 from .lighting import sh_irradiance
+from .uv import sample_texture
+
+SHADING = ("pixel", "vertex")
 
 
 @dataclass
@@ -50,21 +53,30 @@ class MeshRenderer(nn.Module):
         backend: "auto", "torch" or "nvdiffrast" (see ``facelab.render.backends``).
         antialias: blend across silhouettes (needed for silhouette gradients).
         gamma: encode the shaded image with x^(1/gamma); None keeps it linear.
+        shading: "pixel" shades interpolated normals at every pixel (Phong shading);
+            "vertex" shades at the vertices and interpolates the colour (Gouraud shading),
+            cheaper and indistinguishable when triangles are about a pixel wide. A UV texture is
+            always shaded per pixel.
+        visibility: the torch backend's visibility step ("auto", "torch", "numba").
     """
 
     def __init__(self, image_size: tuple[int, int], backend: str = "auto", antialias: bool = True,
-                 gamma: float | None = 2.2):
+                 gamma: float | None = 2.2, shading: str = "pixel", visibility: str = "auto"):
         super().__init__()
+        if shading not in SHADING:
+            raise ValueError(f"unknown shading {shading!r}; valid: {', '.join(SHADING)}")
         self.image_size = tuple(image_size)
         self.backend = backend
         self.antialias = antialias
         self.gamma = gamma
+        self.shading = shading
+        self.visibility = visibility
         self._rasterizers: dict[str, object] = {}
 
     def rasterizer(self, device: torch.device):
         key = str(device)
         if key not in self._rasterizers:
-            self._rasterizers[key] = get_rasterizer(self.backend, device)
+            self._rasterizers[key] = get_rasterizer(self.backend, device, visibility=self.visibility)
         return self._rasterizers[key]
 
     def forward(self, clip: Tensor, vertices: Tensor, triangles: Tensor, sh: Tensor, *,
@@ -79,39 +91,66 @@ class MeshRenderer(nn.Module):
         `uv_triangles` (T,3). Specular (optional): `specular` (B,V,3|1) per-vertex specular
         albedo with a point light `light_position` (B,3), a `view_position` (B,3) and `shininess`.
         attributes: extra per-vertex values (B|1,V,C) to interpolate."""
+        if texture is None and albedo is None:
+            raise ValueError("give per-vertex albedo or a UV texture")
+        if texture is not None and (uv is None or uv_triangles is None):
+            raise ValueError("a texture needs uv (Vt,2) and uv_triangles (T,3)")
         with torch.autocast(clip.device.type, enabled=False):
             raster = self.rasterizer(clip.device)
             rast = raster.rasterize(clip, triangles, self.image_size)
             covered = (rast[..., 3:4] > 0).to(clip.dtype)
             normals = vertex_normals(vertices, triangles)
-            pixel_normals = raster.interpolate(normals, rast, triangles)
-            pixel_normals = pixel_normals / pixel_normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            if texture is not None:
-                if uv is None or uv_triangles is None:
-                    raise ValueError("a texture needs uv (Vt,2) and uv_triangles (T,3)")
-                pixel_uv = raster.interpolate(uv, rast, uv_triangles)
-                pixel_albedo = raster.texture(texture, pixel_uv)
-            elif albedo is not None:
-                pixel_albedo = raster.interpolate(albedo, rast, triangles)
+            batch = clip.shape[0]
+            # one interpolation for every per-vertex channel: each call gathers the same corners
+            channels = {name: value.expand(batch, -1, -1) for name, value in (attributes or {}).items()}
+            per_vertex = self.shading == "vertex" and texture is None
+            if per_vertex:
+                channels["color"] = self._shade(albedo, normals, vertices, sh, specular, light_position,
+                                                view_position, shininess)
             else:
-                raise ValueError("give per-vertex albedo or a UV texture")
-            color = lambertian(pixel_albedo, sh_irradiance(pixel_normals, sh))
-            if specular is not None:
-                positions = raster.interpolate(vertices, rast, triangles)
-                color = color + blinn_phong(pixel_normals, positions, view_position=view_position,
-                                            light_position=light_position, shininess=shininess,
-                                            specular_albedo=raster.interpolate(specular, rast, triangles))
+                if albedo is not None and texture is None:
+                    channels["albedo"] = albedo.expand(batch, -1, -1)
+                if specular is not None:
+                    channels["positions"] = vertices
+                    channels["specular"] = specular.expand(batch, -1, -1)
+            channels["normals"] = normals
+            pixels = _split(raster.interpolate(torch.cat(list(channels.values()), dim=-1), rast, triangles),
+                            {name: value.shape[-1] for name, value in channels.items()})
+            pixel_normals = pixels["normals"]
+            pixel_normals = pixel_normals / pixel_normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if per_vertex:
+                color = pixels["color"]
+            else:
+                if texture is not None:
+                    pixel_albedo = sample_texture(texture, rast, uv, uv_triangles, raster)
+                else:
+                    pixel_albedo = pixels["albedo"]
+                color = self._shade(pixel_albedo, pixel_normals, pixels.get("positions"), sh,
+                                    pixels.get("specular"), light_position, view_position, shininess)
             if self.gamma is not None:  # background is 0 already; gamma_encode's clamp lifts it
                 color = gamma_encode(color, self.gamma) * covered
             stacked = torch.cat([color, covered], dim=-1)
             if self.antialias:
                 stacked = raster.antialias(stacked, rast, clip, triangles)
-            extra = {name: _channels_first(raster.interpolate(value, rast, triangles))
-                     for name, value in (attributes or {}).items()}
+            extra = {name: _channels_first(pixels[name]) for name in (attributes or {})}
             return RenderOutput(
                 image=_channels_first(stacked[..., :3]), alpha=_channels_first(stacked[..., 3:]),
                 depth=_channels_first(rast[..., 2:3]), normals=_channels_first(pixel_normals * covered),
                 rast=rast, attributes=extra)
+
+    @staticmethod
+    def _shade(albedo, normals, positions, sh, specular, light_position, view_position, shininess) -> Tensor:
+        """Linear colour at vertices (B,V,·) or pixels (B,H,W,·): SH diffuse plus Blinn-Phong."""
+        color = lambertian(albedo, sh_irradiance(normals, sh))
+        if specular is not None:
+            color = color + blinn_phong(normals, positions, view_position=view_position,
+                                        light_position=light_position, shininess=shininess,
+                                        specular_albedo=specular)
+        return color
+
+
+def _split(stacked: Tensor, widths: dict[str, int]) -> dict[str, Tensor]:
+    return dict(zip(widths, torch.split(stacked, list(widths.values()), dim=-1)))
 
 
 def _channels_first(tensor: Tensor) -> Tensor:
