@@ -17,7 +17,6 @@ from facelab import __version__
 PENDING = {
     "eval": "the evaluation issue (#6): metrics, benchmarks and the comparison table",
     "reconstruct": "the evaluation issue (#6): detection, fitting and mesh export for photos",
-    "data": "the data layer issue (#4): shards, synthetic corpus and preprocessing",
 }
 
 
@@ -61,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from facelab import bench
 
     bench.add_cli(commands)
+    from facelab.data import cli as data_cli
+
+    data_cli.add_cli(commands)
     for name, issue in PENDING.items():
         pending = commands.add_parser(name, help=f"(not available yet: {issue.split(':')[0]})", add_help=True)
         pending.add_argument("arguments", nargs=argparse.REMAINDER)

@@ -30,7 +30,7 @@ def test_train_typos_fail_listing_valid_names(capsys, override, expected):
     assert expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["eval", "reconstruct", "data"])
+@pytest.mark.parametrize("command", ["eval", "reconstruct"])
 def test_pending_commands_say_plainly_they_are_not_available(capsys, command):
     assert main([command, "anything"]) == 3
     assert "not available yet" in capsys.readouterr().err

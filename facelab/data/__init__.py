@@ -1,1 +1,2 @@
-"""Sample schema, webdataset shards, DataModules, synthetic corpus, preprocessing (issue #4)."""
+"""Data: the sample schema, webdataset shards, DataModules, the synthetic corpus and the
+preprocessing of real photos and videos. Knows nothing of methods."""
