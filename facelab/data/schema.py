@@ -45,7 +45,12 @@ JPEG_QUALITY = 95
 
 
 class SampleError(ValueError):
-    """A sample that does not follow the schema, or a shard member that cannot be decoded."""
+    """A sample that does not follow the schema, or a shard member that cannot be decoded
+    (``member``: that member's name inside the sample, e.g. ``image.png``, when one is to blame)."""
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 def group_size(sample: dict) -> int | None:
@@ -129,7 +134,8 @@ def decode(members: dict[str, bytes]) -> dict:
         except SampleError:
             raise
         except Exception as error:  # any decoder failure is a corrupt member
-            raise SampleError(f"member {name}: cannot be decoded ({type(error).__name__}: {error})") from error
+            raise SampleError(f"member {name}: cannot be decoded ({type(error).__name__}: {error})",
+                              member=name) from error
     for key, by_frame in frames.items():
         if sorted(by_frame) != list(range(len(by_frame))):
             raise SampleError(f"{key}: frames {sorted(by_frame)} are not 0..{len(by_frame) - 1}")
@@ -167,7 +173,7 @@ def _encode_image(array: np.ndarray, fmt: str) -> bytes:
 def _decode_image(data: bytes, key: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB" if key == "image" else "L")
-        return np.asarray(image)
+        return np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def _encode_npy(array: np.ndarray) -> bytes:
