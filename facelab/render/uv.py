@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .backends import Rasterizer, get_rasterizer
 from .camera import ndc_to_pixels
-from .rasterize import _cross
+from .rasterize import _cross, _plane_coefficients
 from .rasterize import _full_precision as _float32
 
 _MIN_W = 1e-8
@@ -142,8 +142,10 @@ def _visible_texels(ndc: Tensor, candidates: Tensor, texel_triangle: Tensor, cli
         vertex_ndc = clip[..., :3] / torch.where(vertex_ok, clip[..., 3], torch.ones_like(clip[..., 3]))[..., None]
         vertex_pixels = ndc_to_pixels(vertex_ndc[..., :2], (height, width))
         occluder_vertices = triangles[occluder.clamp_min(0)]  # (N,3)
-        weights = _barycentric(vertex_pixels[b_index[:, None], occluder_vertices], point)
-        surface = (weights * vertex_ndc[b_index[:, None], occluder_vertices, 2]).sum(-1)
+        planes = _plane_coefficients(vertex_pixels[b_index[:, None], occluder_vertices],
+                                     vertex_ndc[b_index[:, None], occluder_vertices, 2])
+        depth_plane = planes[:, 3]  # the occluder's z/w as a x + b y + c over the screen
+        surface = depth_plane[:, 0] * point[:, 0] + depth_plane[:, 1] * point[:, 1] + depth_plane[:, 2]
         # a degenerate winner (possible with other backends) falls back to the pixel-centre depth
         surface = torch.where(torch.isfinite(surface), surface, image_rast[b_index, pixel[:, 1], pixel[:, 0], 2])
         lowest = torch.where(vertex_ok, vertex_ndc[..., 2], torch.full_like(vertex_ndc[..., 2], float("inf"))).amin(1)
@@ -205,15 +207,6 @@ def dilate_texture(texture: Tensor, mask: Tensor, texels: int = 2) -> tuple[Tens
         colours = torch.where(valid > 0, colours, mean * (weight > 0))
         valid = (weight > 0).to(valid.dtype)
     return colours.permute(0, 2, 3, 1), valid.permute(0, 2, 3, 1)
-
-
-def _barycentric(corners: Tensor, point: Tensor) -> Tensor:
-    """Weights (N,3) of 2D points (N,2) in triangles (N,3,2); inf/NaN for degenerate triangles."""
-    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
-    area = _cross(b - a, c - a)
-    s = _cross(point - a, c - a) / area
-    t = _cross(b - a, point - a) / area
-    return torch.stack([1 - s - t, s, t], dim=-1)
 
 
 def _expect(name: str, tensor: Tensor, *shape: int | str) -> None:
