@@ -93,7 +93,7 @@ def test_the_fast_render_matches_mesh_renderer_vertex_shading(lite_model):
         albedo = torch.cat([lite_model.albedo(params["albedo"]).clamp(0, 1), renderer.fan_albedo.expand(3, -1, -1)], 1)
         specular = torch.cat([lite_model.specular(params["albedo"]).mean(-1, keepdim=True).clamp_min(0),
                               renderer.fan_specular.expand(3, -1, -1)], 1) * params["specular_scale"][:, :, None]
-        reference = MeshRenderer((SIZE, SIZE), backend="torch", shading="vertex", visibility="torch")(
+        reference = MeshRenderer((SIZE, SIZE), backend="torch", shading="vertex", kernels="torch")(
             camera.to_clip(full, (SIZE, SIZE)), in_camera, renderer.triangles, params["sh"], albedo=albedo,
             specular=specular, light_position=params["light_position"], view_position=torch.zeros(3, 3),
             shininess=params["shininess"][:, 0])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from facelab.render.rasterize import _silhouette_edges, antialias, interpolate, rasterize, texture, visible_triangles
-from facelab.render.visibility_numba import available as numba_available
+from facelab.render.numba_ops import available as numba_available
 
-VISIBILITY = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="numba missing"))]
+KERNELS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="numba missing"))]
 
 
 def clip(points_xy_ndc, depth=0.0, w=1.0):
@@ -17,11 +17,11 @@ def clip(points_xy_ndc, depth=0.0, w=1.0):
     return torch.cat([points * w, torch.full((count, 1), depth * w), torch.full((count, 1), w)], 1)[None]
 
 
-@pytest.mark.parametrize("visibility", VISIBILITY)
-def test_covered_pixel_count_matches_triangle_area(visibility):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_covered_pixel_count_matches_triangle_area(kernels):
     height, width = 96, 128
     corners = torch.tensor([[-0.71, -0.63], [0.83, -0.21], [-0.12, 0.77]])
-    rast = rasterize(clip(corners), torch.tensor([[0, 1, 2]]), (height, width), visibility)
+    rast = rasterize(clip(corners), torch.tensor([[0, 1, 2]]), (height, width), kernels)
     pixels = torch.stack([(corners[:, 0] + 1) * width / 2, (1 - corners[:, 1]) * height / 2], 1)
     edge_a, edge_b = pixels[1] - pixels[0], pixels[2] - pixels[0]
     area = 0.5 * abs(float(edge_a[0] * edge_b[1] - edge_a[1] * edge_b[0]))
@@ -29,12 +29,12 @@ def test_covered_pixel_count_matches_triangle_area(visibility):
     assert abs(covered - area) < 0.01 * area, (covered, area)
 
 
-@pytest.mark.parametrize("visibility", VISIBILITY)
-def test_nearer_of_two_overlapping_triangles_wins_in_either_order(visibility):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_nearer_of_two_overlapping_triangles_wins_in_either_order(kernels):
     far = clip([[-1, -1], [1, -1], [0, 1]], depth=0.5)
     near = clip([[-1, -1], [1, -1], [0, 1]], depth=-0.5)
     for pos, expected in [(torch.cat([far, near], 1), 2), (torch.cat([near, far], 1), 1)]:
-        rast = rasterize(pos, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32), visibility)
+        rast = rasterize(pos, torch.tensor([[0, 1, 2], [3, 4, 5]]), (32, 32), kernels)
         ids = rast[..., 3][rast[..., 3] > 0]
         assert ids.numel() > 0 and bool((ids == expected).all())
 
@@ -69,7 +69,8 @@ def test_interpolation_reproduces_linear_attributes_under_perspective():
     torch.testing.assert_close(values[hit], expected, atol=1e-3, rtol=1e-4)
 
 
-def test_interpolate_passes_gradcheck():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_interpolate_passes_gradcheck(kernels):
     pos = clip([[-0.8, -0.7], [0.9, -0.6], [0.1, 0.8]]).double()
     pos[..., 3] = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
     pos[..., :2] *= pos[..., 3:4]
@@ -78,12 +79,12 @@ def test_interpolate_passes_gradcheck():
     pos.requires_grad_(True)
 
     def render(attr, positions):
-        return interpolate(attr, rasterize(positions, tri, (6, 7)), tri)
+        return interpolate(attr, rasterize(positions, tri, (6, 7), kernels), tri, kernels)
 
     assert torch.autograd.gradcheck(render, (attribute, pos), eps=1e-6, atol=1e-6)
 
 
-def _silhouette_scene(vertex_x: torch.Tensor):
+def _silhouette_scene(vertex_x: torch.Tensor, kernels: str):
     """A quad over a coloured background plane; vertex 0's x is the free variable."""
     quad = torch.stack([
         torch.stack([vertex_x, torch.tensor(-0.55)]), torch.tensor([0.6, -0.5]),
@@ -93,18 +94,19 @@ def _silhouette_scene(vertex_x: torch.Tensor):
     pos = torch.cat([xy, torch.tensor([[-0.5]] * 4 + [[0.5]] * 4), torch.ones(8, 1)], 1)[None]
     tri = torch.tensor([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
     colours = torch.tensor([[1.0, 0.2, 0.1], [0.9, 0.8, 0.1], [0.1, 0.9, 0.3], [0.3, 0.2, 0.9]] + [[0.05, 0.1, 0.2]] * 4)
-    rast = rasterize(pos, tri, (48, 48))
-    return antialias(interpolate(colours, rast, tri), rast, pos, tri)
+    rast = rasterize(pos, tri, (48, 48), kernels)
+    return antialias(interpolate(colours, rast, tri, kernels), rast, pos, tri, kernels)
 
 
-def test_silhouette_gradients_match_finite_differences():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_silhouette_gradients_match_finite_differences(kernels):
     weights = torch.rand(1, 48, 48, 3, generator=torch.Generator().manual_seed(0))
     x = torch.tensor(-0.6, requires_grad=True)
-    (_silhouette_scene(x) * weights).sum().backward()
+    (_silhouette_scene(x, kernels) * weights).sum().backward()
     step = 2e-3  # under a tenth of a pixel
     with torch.no_grad():
-        plus = (_silhouette_scene(x + step) * weights).sum()
-        minus = (_silhouette_scene(x - step) * weights).sum()
+        plus = (_silhouette_scene(x + step, kernels) * weights).sum()
+        minus = (_silhouette_scene(x - step, kernels) * weights).sum()
     numeric = (plus - minus) / (2 * step)
     assert abs(float(x.grad) - float(numeric)) <= 0.05 * abs(float(numeric)), (float(x.grad), float(numeric))
     assert abs(float(numeric)) > 1.0  # the silhouette does move the image
@@ -117,26 +119,51 @@ def test_texture_samples_bilinearly_with_v_up():
     torch.testing.assert_close(values, torch.tensor([0.0, 3.0, 1.5]))
 
 
-@pytest.mark.skipif(not numba_available(), reason="numba missing")
-def test_numba_visibility_equals_the_torch_reference_on_posed_faces(lite_model):
+def _posed_faces(model, batch=3, size=96, seed=3):
     from facelab.render.camera import PerspectiveCamera, euler_to_matrix
 
-    generator = torch.Generator().manual_seed(3)
-    batch, size = 3, 96
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        vertices = lite_model(torch.randn(batch, lite_model.num_shape, generator=generator), None)
+        vertices = model(torch.randn(batch, model.num_shape, generator=generator), None)
     camera = PerspectiveCamera(euler_to_matrix(torch.randn(batch, 3, generator=generator) * 0.4),
                                torch.tensor([[0.0, 0.0, -600.0]]).expand(batch, 3), torch.full((batch,), 200.0),
                                torch.full((batch, 2), size / 2))
-    pos = camera.to_clip(vertices, (size, size))
-    triangles = lite_model.triangles.long()
+    return camera.to_clip(vertices, (size, size)), model.triangles.long()
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba missing")
+def test_numba_visibility_equals_the_torch_reference_on_posed_faces(lite_model):
+    size = 96
+    pos, triangles = _posed_faces(lite_model, size=size)
     reference = visible_triangles(pos, triangles, size, size, "torch")
     compiled = visible_triangles(pos, triangles, size, size, "numba")
     assert (reference >= 0).float().mean() > 0.2  # the faces fill a good part of the frame
     assert torch.equal(reference, compiled), f"{int((reference != compiled).sum())} pixels differ"
 
 
-def test_unknown_visibility_is_a_clear_error():
+@pytest.mark.skipif(not numba_available(), reason="numba missing")
+@pytest.mark.parametrize("batch", [1, 3])  # one image runs in row bands, several one image a thread
+def test_numba_primitives_match_the_torch_reference_forward_and_backward(lite_model, batch):
+    size = 64
+    pos, triangles = _posed_faces(lite_model, batch=batch, size=size, seed=5)
+    generator = torch.Generator().manual_seed(1)
+    attributes = torch.rand(batch, pos.shape[1], 3, generator=generator)
+    weights = torch.rand(batch, size, size, 3, generator=generator)
+    results = {}
+    for kernels in ("torch", "numba"):
+        leaves = pos.clone().requires_grad_(True), attributes.clone().requires_grad_(True)
+        rast = rasterize(leaves[0], triangles, (size, size), kernels)
+        color = interpolate(leaves[1], rast, triangles, kernels)
+        image = antialias(color, rast, leaves[0], triangles, kernels)
+        (image * weights).sum().backward()
+        results[kernels] = rast.detach(), image.detach(), leaves[0].grad, leaves[1].grad
+    for name, reference, compiled in zip(["rast", "image", "d/dpos", "d/dattr"], results["torch"], results["numba"]):
+        scale = float(reference.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(compiled, reference, rtol=0, atol=2e-4 * scale, msg=name)
+
+
+def test_unknown_kernels_is_a_clear_error():
     with pytest.raises(ValueError, match="valid: auto, torch, numba"):
         rasterize(clip([[-1, -1], [1, -1], [0, 1]]), torch.tensor([[0, 1, 2]]), (8, 8), "cuda")
 

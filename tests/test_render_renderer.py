@@ -47,3 +47,18 @@ def test_vertex_normals_of_a_sphere_point_outwards():
     normals = vertex_normals(points[None], triangles)[0]
     interior = ids[1:-1, 1:-1].reshape(-1)
     assert (normals[interior] * points[interior]).sum(-1).min() > 0.95
+
+
+def test_compiled_vertex_normals_match_the_torch_reference_and_their_gradients(lite_model):
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        vertices = lite_model(torch.randn(2, lite_model.num_shape, generator=generator), None)
+    weights = torch.randn(vertices.shape, generator=generator)
+    results = []
+    for kernels in ("torch", "numba"):
+        leaf = vertices.clone().requires_grad_(True)
+        normals = vertex_normals(leaf, lite_model.triangles, kernels)
+        (normals * weights).sum().backward()
+        results.append((normals.detach(), leaf.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4 * float(results[0][1].abs().max()), rtol=0)

@@ -147,6 +147,11 @@ def test_gamma_round_trip_and_finite_gradient_at_zero():
     assert gamma_encode(torch.zeros(1)).item() < 1 / 2048  # the clamp is below 8-bit resolution
 
 
+def test_gamma_encode_gradient_matches_finite_differences():
+    values = torch.tensor([1e-3, 0.04, 0.5, 1.0, 1.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: gamma_encode(x, 2.2), (values,), check_forward_ad=True)
+
+
 def test_shade_adds_sh_diffuse_and_optional_specular():
     normals = sphere(64)
     albedo = torch.rand(1, 64, 3)

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     from facelab.facemodel import load_face_model
     from facelab.render.backends import nvdiffrast_available
-    from facelab.render.visibility_numba import available as numba_available
+    from facelab.render.numba_ops import available as numba_available
 
     device = torch.device(args.device)
     cases = [(backend, model, shading, batch, size) for backend in args.backends for model in args.models
@@ -65,9 +65,9 @@ def _measure(face_model, backend: str, shading: str, batch: int, size: int, devi
     from facelab.render.rasterize import visible_triangles
 
     scene = _scene(face_model, batch, size, device)
-    visibility = "numba" if backend == "torch+numba" else "torch"
+    kernels = "numba" if backend == "torch+numba" else "torch"
     renderer = MeshRenderer((size, size), backend="torch" if backend.startswith("torch") else backend,
-                            shading=shading, visibility=visibility)
+                            shading=shading, kernels=kernels)
     triangles = face_model.triangles.long()
     leaves = [scene["vertices"], scene["sh"], scene["albedo"], scene["specular"]]
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -83,11 +83,16 @@ def _measure(face_model, backend: str, shading: str, batch: int, size: int, devi
         with torch.no_grad():
             render()
 
+    # the renderer's own backward: fixed upstream gradients, as a loss would hand them over
+    generator = torch.Generator().manual_seed(1)
+    grad_image = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    grad_alpha = torch.randn(batch, 1, size, size, generator=generator).to(device)
+
     def forward_backward():
         for leaf in leaves:
             leaf.grad = None
         out = render()
-        (out.image.square().mean() + out.alpha.mean()).backward()
+        torch.autograd.backward([out.image, out.alpha], [grad_image, grad_alpha])
 
     repeats, warmup = args.repeats, args.warmup
     figures = {"forward": time_call(forward, repeats, warmup, synchronize),
@@ -95,9 +100,9 @@ def _measure(face_model, backend: str, shading: str, batch: int, size: int, devi
     if backend.startswith("torch"):
         with torch.no_grad():
             clip = scene["camera"].to_clip(scene["vertices"], (size, size))
-        figures["visibility"] = time_call(lambda: visible_triangles(clip, triangles, size, size, visibility),
+        figures["visibility"] = time_call(lambda: visible_triangles(clip, triangles, size, size, kernels),
                                           repeats, warmup, synchronize)
-        coverage = float((visible_triangles(clip, triangles, size, size, visibility) >= 0).float().mean())
+        coverage = float((visible_triangles(clip, triangles, size, size, kernels) >= 0).float().mean())
     else:
         coverage = None
     out = {f"{name}_ms_per_image": round(1000 * figure["median_s"] / batch, 3) for name, figure in figures.items()}

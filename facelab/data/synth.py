@@ -501,9 +501,6 @@ def _fan_topology(face_model, fans: list[_Fan]):
             np.asarray(specular, np.float32).reshape(-1, 1))
 
 
-_VISIBILITY_LOCK = threading.Lock()
-
-
 class SynthRenderer:
     """Render parameter batches of one face model into raw-sample arrays, without gradients.
 
@@ -516,7 +513,6 @@ class SynthRenderer:
         self.model = face_model.to(device)
         self.size, self.fill_holes, self.antialias = int(image_size), fill_holes, antialias
         self.device = torch.device(device)
-        self.visibility = "auto" if self.device.type == "cpu" else "torch"
         triangles = face_model.triangles.cpu().numpy()
         self.num_mesh_triangles = len(triangles)
         fans = hole_fans(face_model)
@@ -553,8 +549,7 @@ class SynthRenderer:
         full = torch.cat([verts, *self._fan_vertices(verts)], dim=1)
         clip = camera.to_clip(full, (size, size))
         in_camera = torch.einsum("bij,bvj->bvi", camera.rotation, full) + camera.translation[:, None]
-        with _VISIBILITY_LOCK:  # numba's workqueue threading layer must not be entered twice at once
-            ids = visible_triangles(clip, self.triangles, size, size, self.visibility)
+        ids = visible_triangles(clip, self.triangles, size, size, "auto")
         # one flat row per pixel into per-(image, triangle) tables; background -> a last, empty row
         count = self.triangles.shape[0]
         offset = torch.arange(batch, device=self.device)[:, None, None] * count

@@ -35,22 +35,22 @@ class TorchRasterizer:
 
     name = "torch"
 
-    def __init__(self, visibility: str = "auto"):
-        if visibility not in torch_ops.VISIBILITY:
-            raise ValueError(f"unknown visibility {visibility!r}; valid: {', '.join(torch_ops.VISIBILITY)}")
-        self.visibility = visibility
+    def __init__(self, kernels: str = "auto"):
+        if kernels not in torch_ops.KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(torch_ops.KERNELS)}")
+        self.kernels = kernels
 
     def rasterize(self, pos, tri, resolution):
-        return torch_ops.rasterize(pos, tri, resolution, self.visibility)
+        return torch_ops.rasterize(pos, tri, resolution, self.kernels)
 
     def interpolate(self, attr, rast, tri):
-        return torch_ops.interpolate(attr, rast, tri)
+        return torch_ops.interpolate(attr, rast, tri, self.kernels)
 
     def texture(self, tex, uv):
         return torch_ops.texture(tex, uv)
 
     def antialias(self, color, rast, pos, tri):
-        return torch_ops.antialias(color, rast, pos, tri)
+        return torch_ops.antialias(color, rast, pos, tri, self.kernels)
 
 
 class NvdiffrastRasterizer:
@@ -90,9 +90,10 @@ def nvdiffrast_available() -> bool:
 
 
 def get_rasterizer(backend: str = "auto", device: torch.device | str | None = None,
-                   visibility: str = "auto") -> Rasterizer:
-    """The rasterizer for `backend` ("auto", "torch" or "nvdiffrast") on `device`; `visibility`
-    picks the torch backend's visibility step (see ``facelab.render.rasterize.rasterize``)."""
+                   kernels: str = "auto") -> Rasterizer:
+    """The rasterizer for `backend` ("auto", "torch" or "nvdiffrast") on `device`; `kernels`
+    picks the torch backend's implementation: "numba" (compiled, CPU), "torch" (vectorised,
+    any device) or "auto" (see ``facelab.render.rasterize.rasterize``)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown renderer backend {backend!r}; valid: {', '.join(BACKENDS)}")
     device = torch.device(device) if device is not None else None
@@ -100,7 +101,7 @@ def get_rasterizer(backend: str = "auto", device: torch.device | str | None = No
     if backend == "auto":
         backend = "nvdiffrast" if on_cuda and nvdiffrast_available() else "torch"
     if backend == "torch":
-        return TorchRasterizer(visibility)
+        return TorchRasterizer(kernels)
     if not torch.cuda.is_available():
         raise RuntimeError("renderer=nvdiffrast needs a CUDA device; use renderer=torch (or auto) on this machine")
     if importlib.util.find_spec("nvdiffrast") is None:

@@ -21,48 +21,55 @@ gradcheck) with autocast off. No Python loop runs over triangles or pixels.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from . import visibility_numba
+from . import numba_ops
 from .camera import ndc_to_pixels
 
 _DEPTH_LEVELS = 2**31 - 1
 _NO_HIT = torch.iinfo(torch.int64).max
 
 
-VISIBILITY = ("auto", "torch", "numba")
+KERNELS = ("auto", "torch", "numba")
 
 
 def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
-              visibility: str = "auto") -> torch.Tensor:
+              kernels: str = "auto") -> torch.Tensor:
     """Rasterize triangles.
 
     pos: (B,V,4) float32 clip-space positions; tri: (T,3) int vertex ids (shared by the batch);
-    resolution: (H, W); visibility: "torch" (the vectorised reference), "numba" (the same
-    z-buffer compiled, CPU) or "auto" (numba for CPU tensors when it imports). Returns rast
-    (B,H,W,4) float32 (see module docstring); its u, v and z/w are differentiable with respect
-    to pos. Triangles with a vertex at w <= 0 are not drawn.
+    resolution: (H, W); kernels: "torch" (these vectorised primitives, the reference), "numba"
+    (the same primitives compiled, forward and backward, :mod:`facelab.render.numba_ops`; CPU)
+    or "auto" (numba for CPU tensors when it imports; the same for every primitive below).
+    Returns rast (B,H,W,4) float32 (see module docstring); its u, v and z/w are differentiable
+    with respect to pos. Triangles with a vertex at w <= 0 are not drawn.
     """
     _check(pos, tri)
     with torch.autocast(pos.device.type, enabled=False):
         pos = _full_precision(pos)
         tri = tri.long()
         height, width = resolution
-        triangle_ids = visible_triangles(pos.detach(), tri, height, width, visibility)
+        if _use_numba(kernels, pos):
+            return numba_ops.rasterize(pos, tri, (height, width))
+        # visibility carries no gradients: under forward-mode AD it can still run compiled
+        triangle_ids = visible_triangles(pos.detach(), tri, height, width, "torch" if kernels == "torch" else "auto")
         return _barycentrics(pos, tri, triangle_ids, height, width)
 
 
 def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int,
-                      visibility: str = "torch") -> torch.Tensor:
+                      kernels: str = "torch") -> torch.Tensor:
     """Nearest triangle id per pixel (B,H,W) int64, -1 for background. No gradients.
 
     Each triangle's bounding box gives candidate pixels; the triangle's three edge functions and
     its screen-space depth plane, packed in one row per triangle, test each candidate (one
     gather per candidate); a ``scatter_reduce(amin)`` over keys packing quantised depth above
-    the triangle id resolves visibility (ties go to the lower id). ``visibility="numba"`` runs
-    the same test in a compiled loop (:mod:`facelab.render.visibility_numba`).
+    the triangle id resolves visibility (ties go to the lower id). ``kernels="numba"`` runs the
+    same arithmetic in a compiled loop and gives the same ids.
     """
     batch = pos.shape[0]
+    if _use_numba(kernels, pos):
+        return numba_ops.visible_triangles(pos.detach(), tri, height, width).to(pos.device)
     with torch.no_grad():
         screen, depth, valid = _screen(pos, height, width)  # (B,V,2), (B,V), (B,V)
         corners = screen[:, tri].reshape(-1, 3, 2)  # (B*T,3,2)
@@ -73,8 +80,6 @@ def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: 
         hi = torch.floor(corners.amax(dim=1) - 0.5)
         hi = torch.minimum(hi, hi.new_tensor([width - 1, height - 1]))
         extent = (hi - lo + 1).clamp_min(0).long()  # (B*T,2) columns, rows
-        if _use_numba(visibility, pos.device):
-            return visibility_numba.zbuffer(planes, lo.long(), extent, drawable, batch, height, width)
         count = torch.where(drawable, extent[:, 0] * extent[:, 1], 0)
         flat_triangle = torch.repeat_interleave(torch.arange(count.numel(), device=pos.device), count)
         first = torch.cumsum(count, 0) - count
@@ -95,20 +100,24 @@ def visible_triangles(pos: torch.Tensor, tri: torch.Tensor, height: int, width: 
         return ids.reshape(batch, height, width)
 
 
-def _use_numba(visibility: str, device: torch.device) -> bool:
-    if visibility not in VISIBILITY:
-        raise ValueError(f"unknown visibility {visibility!r}; valid: {', '.join(VISIBILITY)}")
-    if visibility == "torch":
+def _use_numba(kernels: str, *tensors: torch.Tensor) -> bool:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    if kernels == "torch":
         return False
-    if visibility == "numba":
-        if device.type != "cpu":
-            raise ValueError("visibility='numba' runs on CPU tensors; use 'torch' or 'auto' on "
-                             f"{device.type}")
-        if not visibility_numba.available():
-            raise RuntimeError("visibility='numba' needs the numba package (pip install numba), "
-                               "or use visibility='torch'")
+    if kernels == "numba":
+        if not numba_ops.supports(*tensors):
+            raise ValueError("kernels='numba' runs on CPU float32/float64 tensors; use 'torch' or 'auto' for "
+                             + ", ".join(sorted({f"{t.device.type} {t.dtype}" for t in tensors})))
+        if not numba_ops.available():
+            raise RuntimeError("kernels='numba' needs the numba package (pip install numba), or use kernels='torch'")
         return True
-    return device.type == "cpu" and visibility_numba.available()
+    # the compiled Functions have no forward-mode rule: dual tensors take the reference
+    return numba_ops.supports(*tensors) and numba_ops.available() and not _any_dual(tensors)
+
+
+def _any_dual(tensors) -> bool:
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _plane_coefficients(corners: torch.Tensor, corner_depth: torch.Tensor) -> torch.Tensor:
@@ -148,12 +157,14 @@ def _barycentrics(pos, tri, triangle_ids, height, width) -> torch.Tensor:
     return rast.index_put((b_index, y, x), values)
 
 
-def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
-    """Per-pixel attributes. attr: (B,V,C) or (V,C) float32; rast: (B,H,W,4); tri: (T,3).
+def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, kernels: str = "auto") -> torch.Tensor:
+    """Per-pixel attributes. attr: (B,V,C), (1,V,C) or (V,C) float32; rast: (B,H,W,4); tri: (T,3).
     Returns (B,H,W,C), zero on background; differentiable in attr and in rast's u, v."""
     with torch.autocast(rast.device.type, enabled=False):
         batch, height, width, _ = rast.shape
         attr = _full_precision(attr)
+        if _use_numba(kernels, attr, rast):
+            return numba_ops.interpolate(attr, rast, tri)
         if attr.ndim == 2:
             attr = attr.expand(batch, -1, -1)
         triangle_ids = rast[..., 3].long() - 1
@@ -176,7 +187,8 @@ def texture(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
         return sampled.permute(0, 2, 3, 1)
 
 
-def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+              kernels: str = "auto") -> torch.Tensor:
     """Blend colours across silhouette edges. color: (B,H,W,C); rast: from ``rasterize``;
     pos: (B,V,4) clip positions; tri: (T,3). Returns (B,H,W,C).
 
@@ -191,6 +203,8 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: t
     """
     with torch.autocast(color.device.type, enabled=False):
         color = _full_precision(color)
+        if _use_numba(kernels, color, rast, pos):
+            return numba_ops.antialias(color, rast, pos, tri)
         batch, height, width, _ = color.shape
         tri = tri.long()
         screen = ndc_to_pixels(pos[..., :2] / pos[..., 3:4], (height, width))  # (B,V,2), differentiable

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import numba_ops
 from .backends import get_rasterizer
+from .rasterize import _use_numba
 from .shading import blinn_phong, gamma_encode, lambertian
 from .lighting import sh_irradiance
 from .uv import sample_texture
@@ -24,19 +26,32 @@ SHADING = ("pixel", "vertex")
 class RenderOutput:
     """All (B,C,H,W) float32, row 0 at the top. image: shaded colour (gamma-encoded when the
     renderer has a gamma, else linear); alpha: coverage (antialiased at silhouettes); depth:
-    z/w (background 0); normals: unit, in the frame of the vertices given; attributes:
-    name -> interpolated extra attribute; rast: the raw (B,H,W,4) rasterizer output."""
+    z/w (background 0); normals (computed on first access): unit, in the frame of the vertices
+    given, 0 on background; attributes: name -> interpolated extra attribute; rast: the raw
+    (B,H,W,4) rasterizer output."""
 
     image: Tensor
     alpha: Tensor
     depth: Tensor
-    normals: Tensor
     rast: Tensor
     attributes: dict[str, Tensor] = field(default_factory=dict)
+    interpolated_normals: Tensor | None = field(default=None, repr=False)  # (B,H,W,3), not unit length
+    _normals: Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def normals(self) -> Tensor:
+        if self._normals is None:
+            raw = self.interpolated_normals
+            unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self._normals = _channels_first(unit * (self.rast[..., 3:4] > 0).to(unit.dtype))
+        return self._normals
 
 
-def vertex_normals(vertices: Tensor, triangles: Tensor) -> Tensor:
-    """Area-weighted unit vertex normals, differentiable. vertices (B,V,3), triangles (T,3)."""
+def vertex_normals(vertices: Tensor, triangles: Tensor, kernels: str = "auto") -> Tensor:
+    """Area-weighted unit vertex normals, differentiable. vertices (B,V,3), triangles (T,3);
+    kernels as for the rasterizer ("auto" runs the compiled loop on CPU)."""
+    if _use_numba(kernels, vertices):
+        return numba_ops.vertex_normals(vertices, triangles)
     corners = vertices[:, triangles]  # (B,T,3,3)
     face = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0], dim=-1)
     normals = torch.zeros_like(vertices)
@@ -57,11 +72,12 @@ class MeshRenderer(nn.Module):
             "vertex" shades at the vertices and interpolates the colour (Gouraud shading),
             cheaper and indistinguishable when triangles are about a pixel wide. A UV texture is
             always shaded per pixel.
-        visibility: the torch backend's visibility step ("auto", "torch", "numba").
+        kernels: the torch backend's implementation: "numba" (compiled loops, CPU), "torch"
+            (vectorised, any device) or "auto" (numba on CPU when it imports).
     """
 
     def __init__(self, image_size: tuple[int, int], backend: str = "auto", antialias: bool = True,
-                 gamma: float | None = 2.2, shading: str = "pixel", visibility: str = "auto"):
+                 gamma: float | None = 2.2, shading: str = "pixel", kernels: str = "auto"):
         super().__init__()
         if shading not in SHADING:
             raise ValueError(f"unknown shading {shading!r}; valid: {', '.join(SHADING)}")
@@ -70,13 +86,13 @@ class MeshRenderer(nn.Module):
         self.antialias = antialias
         self.gamma = gamma
         self.shading = shading
-        self.visibility = visibility
+        self.kernels = kernels
         self._rasterizers: dict[str, object] = {}
 
     def rasterizer(self, device: torch.device):
         key = str(device)
         if key not in self._rasterizers:
-            self._rasterizers[key] = get_rasterizer(self.backend, device, visibility=self.visibility)
+            self._rasterizers[key] = get_rasterizer(self.backend, device, kernels=self.kernels)
         return self._rasterizers[key]
 
     def forward(self, clip: Tensor, vertices: Tensor, triangles: Tensor, sh: Tensor, *,
@@ -99,7 +115,7 @@ class MeshRenderer(nn.Module):
             raster = self.rasterizer(clip.device)
             rast = raster.rasterize(clip, triangles, self.image_size)
             covered = (rast[..., 3:4] > 0).to(clip.dtype)
-            normals = vertex_normals(vertices, triangles)
+            normals = vertex_normals(vertices, triangles, self.kernels)
             batch = clip.shape[0]
             # one interpolation for every per-vertex channel: each call gathers the same corners
             channels = {name: value.expand(batch, -1, -1) for name, value in (attributes or {}).items()}
@@ -116,8 +132,6 @@ class MeshRenderer(nn.Module):
             channels["normals"] = normals
             pixels = _split(raster.interpolate(torch.cat(list(channels.values()), dim=-1), rast, triangles),
                             {name: value.shape[-1] for name, value in channels.items()})
-            pixel_normals = pixels["normals"]
-            pixel_normals = pixel_normals / pixel_normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             if per_vertex:
                 color = pixels["color"]
             else:
@@ -125,6 +139,7 @@ class MeshRenderer(nn.Module):
                     pixel_albedo = sample_texture(texture, rast, uv, uv_triangles, raster)
                 else:
                     pixel_albedo = pixels["albedo"]
+                pixel_normals = pixels["normals"] / pixels["normals"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 color = self._shade(pixel_albedo, pixel_normals, pixels.get("positions"), sh,
                                     pixels.get("specular"), light_position, view_position, shininess)
             if self.gamma is not None:  # background is 0 already; gamma_encode's clamp lifts it
@@ -135,8 +150,8 @@ class MeshRenderer(nn.Module):
             extra = {name: _channels_first(pixels[name]) for name in (attributes or {})}
             return RenderOutput(
                 image=_channels_first(stacked[..., :3]), alpha=_channels_first(stacked[..., 3:]),
-                depth=_channels_first(rast[..., 2:3]), normals=_channels_first(pixel_normals * covered),
-                rast=rast, attributes=extra)
+                depth=_channels_first(rast[..., 2:3]), rast=rast, attributes=extra,
+                interpolated_normals=pixels["normals"])
 
     @staticmethod
     def _shade(albedo, normals, positions, sh, specular, light_position, view_position, shininess) -> Tensor:
