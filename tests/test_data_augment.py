@@ -138,6 +138,13 @@ def test_colour_jitter_changes_the_image_only():
     assert out["image"].dtype == np.uint8 and out["image"].mean() > sample["image"].mean()
     for key in ("mask", "regions", "landmarks", "dense_landmarks", "landmarks_conf"):
         assert out[key] is sample[key]
+    # brightness, then contrast about the mean grey, then saturation about each pixel's grey
+    image = sample["image"].astype(np.float64) * 1.2
+    grey = image @ np.array([0.299, 0.587, 0.114])
+    mean = grey.mean()
+    image, grey = (image - mean) * 0.9 + mean, (grey[..., None] - mean) * 0.9 + mean
+    expected = np.clip((image - grey) * 0.8 + grey, 0, 255)
+    assert np.abs(out["image"] - expected).max() < 1.0  # rounding (in single precision) only
 
 
 def test_the_augmenter_is_fixed_by_its_generator():

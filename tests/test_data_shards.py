@@ -3,6 +3,7 @@ The helpers at the top make small samples and shard folders for the other data t
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -195,3 +196,18 @@ def test_shard_writer_tolerates_a_crash_before_any_shard_is_written(tmp_path):
     assert not list(tmp_path.glob("*.tar*"))
     assert read_index(tmp_path)["count"] == 0
     assert os.listdir(tmp_path) == ["index.json"]
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((0, 68, 2), np.float32),
+                                   np.array(2.5, np.float32), np.arange(6.0).reshape(2, 3).T, np.array([True, False])])
+def test_npy_members_decode_to_the_written_array_and_truncation_is_an_error(array):
+    from facelab.data.schema import _decode_npy
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    decoded = _decode_npy(buffer.getvalue())
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, array)
+    if array.size:
+        with pytest.raises(ValueError):
+            _decode_npy(buffer.getvalue()[:-1])

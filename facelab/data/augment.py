@@ -185,14 +185,25 @@ def resize(sample: dict, size: int | tuple[int, int]) -> dict:
 
 def jitter_colour(sample: dict, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0) -> dict:
     """Scale brightness, then contrast about each frame's mean grey, then saturation about each
-    pixel's grey (factors 1 = unchanged); image only."""
-    image = sample["image"].astype(np.float32) * brightness
-    grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
-    mean = grey.mean(axis=(-2, -1), keepdims=True)[..., None]
-    image = (image - mean) * contrast + mean
-    grey = (grey[..., None] - mean) * contrast + mean
-    image = (image - grey) * saturation + grey
-    return {**sample, "image": np.clip(np.rint(image), 0, 255).astype(np.uint8)}
+    pixel's grey (factors 1 = unchanged); image only.
+
+    The three compose into one affine colour map per frame, out = c s b x + c (1 - s) b grey(x)
+    + (1 - c) m with m the frame's mean grey after brightness, applied in a single pass that
+    rounds and saturates to uint8 (``cv2.transform``)."""
+    if brightness == contrast == saturation == 1.0:
+        return sample
+
+    def apply(frame: np.ndarray) -> np.ndarray:
+        mean_grey = brightness * float(np.dot(cv2.mean(frame)[:3], GREY_WEIGHTS))
+        matrix = np.empty((3, 4), np.float64)
+        matrix[:, :3] = contrast * brightness * (saturation * np.eye(3) + (1 - saturation) * GREY_WEIGHTS[None])
+        matrix[:, 3] = (1 - contrast) * mean_grey
+        return cv2.transform(frame, matrix)
+
+    return {**sample, "image": _per_frame(sample["image"], 3, apply)}
+
+
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
 def _per_frame(array: np.ndarray, frame_dims: int, apply) -> np.ndarray:
