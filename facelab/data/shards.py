@@ -82,7 +82,8 @@ class ShardWriter:
         """Finish the open shard and write the index; returns the index."""
         if self._tar is not None:
             self._finish()
-        return write_index(self.out_dir, kind=self.kind, group_size=self.group_size, info=self.info)
+        return write_index(self.out_dir, kind=self.kind, group_size=self.group_size, info=self.info,
+                           counted=self.written)
 
     def abort(self) -> None:
         """Drop the open shard (complete shards stay, and the index lists them)."""
@@ -90,7 +91,7 @@ class ShardWriter:
             self._tar.close()
             self._partial.unlink(missing_ok=True)
             self._tar = None
-        write_index(self.out_dir, kind=self.kind, group_size=self.group_size, info=self.info)
+        write_index(self.out_dir, kind=self.kind, group_size=self.group_size, info=self.info, counted=self.written)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -116,12 +117,13 @@ class ShardWriter:
 
 
 def write_index(out_dir: str | Path, kind: str = "images", group_size: int | None = None,
-                info: dict | None = None) -> dict:
+                info: dict | None = None, counted: list[dict] | None = None) -> dict:
     """(Re)write ``index.json`` from the complete shards in `out_dir` (counted by reading their
-    member names; shards an earlier index lists keep their recorded counts)."""
+    member names; shards an earlier index lists, or `counted` entries {name, count, bytes} from
+    the writer that made them, keep their counts while their size matches)."""
     out_dir = Path(out_dir)
     previous = read_index(out_dir) if (out_dir / INDEX).exists() else {"shards": []}
-    known = {shard["name"]: shard for shard in previous.get("shards", [])}
+    known = {shard["name"]: shard for shard in [*previous.get("shards", []), *(counted or [])]}
     shards = []
     for path in sorted(out_dir.glob("*.tar")):
         entry = known.get(path.name)
