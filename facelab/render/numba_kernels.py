@@ -302,38 +302,60 @@ def silhouette_edges(screen, valid, tri, edge_of_corner, edge_count):  # pragma:
     return flags
 
 
+@numba.njit(cache=True, inline="always")
+def _blend(ids, depth, screen, tri, silhouette, has_silhouette, image, axis, ya, xa):  # pragma: no cover
+    """The blend across the pixel pair (ya, xa) and its neighbour below (axis 0) or to the right
+    (axis 1), if the pair straddles a silhouette edge of the nearer ("front") pixel's triangle:
+    (blends, target_y, target_x, source_y, source_x, t, front, edge, start, end). The target
+    pixel takes |t - 0.5| of (source colour - its own): the far pixel when the edge lies beyond
+    the midpoint (t > 0.5), else the front pixel. start and end are the pixel centres (x, y)
+    of the front and the other pixel; t is where the segment between them leaves the front
+    triangle, through edge `edge`."""
+    yb, xb = (ya + 1, xa) if axis == 0 else (ya, xa + 1)
+    nothing = (False, 0, 0, 0, 0, 0.5, 0, 0, (0.0, 0.0), (0.0, 0.0))
+    id_a, id_b = ids[image, ya, xa], ids[image, yb, xb]
+    if id_a == id_b:
+        return nothing
+    a_front = id_a >= 0 and (id_b < 0 or depth[image, ya, xa] < depth[image, yb, xb])
+    yf, xf, yo, xo = (ya, xa, yb, xb) if a_front else (yb, xb, ya, xa)
+    front = ids[image, yf, xf]
+    if not has_silhouette[image, front]:
+        return nothing
+    start, end = (xf + 0.5, yf + 0.5), (xo + 0.5, yo + 0.5)
+    t, edge = _exit(screen, image, tri, front, start, end)
+    if not (np.isfinite(t) and silhouette[image, front, edge]) or t == 0.5:
+        return nothing
+    if t > 0.5:
+        return True, yo, xo, yf, xf, t, front, edge, start, end
+    return True, yf, xf, yo, xo, t, front, edge, start, end
+
+
 @numba.njit(cache=True)
-def _exit(screen, image, tri, triangle, sx, sy, ex, ey):  # pragma: no cover - compiled
-    """Where the segment (sx, sy) -> (ex, ey) leaves the triangle: (t, edge, e_start, e_end) with
-    t = inf when it does not; edge k joins corners k and k+1; e_* are the unoriented edge
-    functions at the two ends (t = e_start / (e_start - e_end))."""
+def _edge_function(screen, image, start_vertex, end_vertex, point):  # pragma: no cover - compiled
+    """(q - o) x (p - o) for the edge o -> q and a point p (unoriented)."""
+    ox, oy = screen[image, start_vertex, 0], screen[image, start_vertex, 1]
+    return ((screen[image, end_vertex, 0] - ox) * (point[1] - oy)
+            - (screen[image, end_vertex, 1] - oy) * (point[0] - ox))
+
+
+@numba.njit(cache=True)
+def _exit(screen, image, tri, triangle, start, end):  # pragma: no cover - compiled
+    """Where the segment start -> end ((x, y) pixels) leaves the triangle: (t, edge) with t = inf
+    when it does not; edge k joins corners k and k+1."""
     i0, i1, i2 = tri[triangle, 0], tri[triangle, 1], tri[triangle, 2]
     area = ((screen[image, i1, 0] - screen[image, i0, 0]) * (screen[image, i2, 1] - screen[image, i0, 1])
             - (screen[image, i1, 1] - screen[image, i0, 1]) * (screen[image, i2, 0] - screen[image, i0, 0]))
     orientation = 1.0 if area > 0 else (-1.0 if area < 0 else 0.0)
-    best, best_edge, best_start, best_end = np.inf, 0, 0.0, 0.0
+    best, best_edge = np.inf, 0
     for edge in range(3):
         start_vertex, end_vertex = tri[triangle, edge], tri[triangle, (edge + 1) % 3]
-        ox, oy = screen[image, start_vertex, 0], screen[image, start_vertex, 1]
-        dx, dy = screen[image, end_vertex, 0] - ox, screen[image, end_vertex, 1] - oy
-        e_start = dx * (sy - oy) - dy * (sx - ox)
-        e_end = dx * (ey - oy) - dy * (ex - ox)
+        e_start = _edge_function(screen, image, start_vertex, end_vertex, start)
+        e_end = _edge_function(screen, image, start_vertex, end_vertex, end)
         if orientation * e_start >= 0 and orientation * e_end < 0:
             t = e_start / (e_start - e_end)
             if t < best:
-                best, best_edge, best_start, best_end = t, edge, e_start, e_end
-    return best, best_edge, best_start, best_end
-
-
-@numba.njit(cache=True)
-def _pair(ids, depth, has_silhouette, image, ya, xa, yb, xb):  # pragma: no cover - compiled
-    """For adjacent pixels a, b: whether to blend, and which is in front (True: a)."""
-    id_a, id_b = ids[image, ya, xa], ids[image, yb, xb]
-    if id_a == id_b:
-        return False, False
-    a_front = id_a >= 0 and (id_b < 0 or depth[image, ya, xa] < depth[image, yb, xb])
-    front_id = id_a if a_front else id_b
-    return has_silhouette[image, front_id], a_front
+                best, best_edge = t, edge
+    return best, best_edge
 
 
 @numba.njit(**_jit)
@@ -344,21 +366,13 @@ def antialias_forward(color, ids, depth, screen, tri, silhouette, has_silhouette
         for axis in range(2):
             for ya in range(height - 1 if axis == 0 else height):
                 for xa in range(width if axis == 0 else width - 1):
-                    yb, xb = (ya + 1, xa) if axis == 0 else (ya, xa + 1)
-                    blend, a_front = _pair(ids, depth, has_silhouette, image, ya, xa, yb, xb)
-                    if not blend:
+                    blends, ty, tx, sy, sx, t, _, _, _, _ = _blend(ids, depth, screen, tri, silhouette,
+                                                                   has_silhouette, image, axis, ya, xa)
+                    if not blends:
                         continue
-                    yf, xf, yo, xo = (ya, xa, yb, xb) if a_front else (yb, xb, ya, xa)
-                    front = ids[image, yf, xf]
-                    t, edge, _, _ = _exit(screen, image, tri, front, xf + 0.5, yf + 0.5, xo + 0.5, yo + 0.5)
-                    if not (np.isfinite(t) and silhouette[image, front, edge]):
-                        continue
-                    if t > 0.5:
-                        for channel in range(channels):
-                            out[image, yo, xo, channel] += (t - 0.5) * (color[image, yf, xf, channel] - color[image, yo, xo, channel])
-                    elif t < 0.5:
-                        for channel in range(channels):
-                            out[image, yf, xf, channel] += (0.5 - t) * (color[image, yo, xo, channel] - color[image, yf, xf, channel])
+                    spill = abs(t - 0.5)
+                    for channel in range(channels):
+                        out[image, ty, tx, channel] += spill * (color[image, sy, sx, channel] - color[image, ty, tx, channel])
 
 
 @numba.njit(**_jit)
@@ -370,41 +384,35 @@ def antialias_backward(color, ids, depth, screen, tri, silhouette, has_silhouett
         for axis in range(2):
             for ya in range(height - 1 if axis == 0 else height):
                 for xa in range(width if axis == 0 else width - 1):
-                    yb, xb = (ya + 1, xa) if axis == 0 else (ya, xa + 1)
-                    blend, a_front = _pair(ids, depth, has_silhouette, image, ya, xa, yb, xb)
-                    if not blend:
+                    blends, ty, tx, sy, sx, t, front, edge, start, end = _blend(
+                        ids, depth, screen, tri, silhouette, has_silhouette, image, axis, ya, xa)
+                    if not blends:
                         continue
-                    yf, xf, yo, xo = (ya, xa, yb, xb) if a_front else (yb, xb, ya, xa)
-                    front = ids[image, yf, xf]
-                    sx, sy, ex, ey = xf + 0.5, yf + 0.5, xo + 0.5, yo + 0.5
-                    t, edge, e_start, e_end = _exit(screen, image, tri, front, sx, sy, ex, ey)
-                    if not (np.isfinite(t) and silhouette[image, front, edge]) or t == 0.5:
-                        continue
-                    # t > 0.5: out_o += s (c_f - c_o), s = t - 0.5; t < 0.5: out_f += s (c_o - c_f), s = 0.5 - t
-                    target_y, target_x = (yo, xo) if t > 0.5 else (yf, xf)
-                    source_y, source_x = (yf, xf) if t > 0.5 else (yo, xo)
+                    # out_target += |t - 0.5| (c_source - c_target)
                     spill = abs(t - 0.5)
                     grad_spill = 0.0
                     for channel in range(channels):
-                        g = grad_out[image, target_y, target_x, channel]
-                        grad_color[image, source_y, source_x, channel] += spill * g
-                        grad_color[image, target_y, target_x, channel] -= spill * g
-                        grad_spill += g * (color[image, source_y, source_x, channel] - color[image, target_y, target_x, channel])
+                        g = grad_out[image, ty, tx, channel]
+                        grad_color[image, sy, sx, channel] += spill * g
+                        grad_color[image, ty, tx, channel] -= spill * g
+                        grad_spill += g * (color[image, sy, sx, channel] - color[image, ty, tx, channel])
                     grad_t = grad_spill if t > 0.5 else -grad_spill
                     if grad_t == 0:
                         continue
-                    difference = e_start - e_end
-                    grad_start = -e_end / (difference * difference) * grad_t
-                    grad_end = e_start / (difference * difference) * grad_t
+                    # t = e_start / (e_start - e_end), e(p) = (q - o) x (p - o) for the crossed edge o -> q
                     start_vertex, end_vertex = tri[front, edge], tri[front, (edge + 1) % 3]
+                    e_start = _edge_function(screen, image, start_vertex, end_vertex, start)
+                    e_end = _edge_function(screen, image, start_vertex, end_vertex, end)
+                    difference = e_start - e_end
                     ox, oy = screen[image, start_vertex, 0], screen[image, start_vertex, 1]
                     qx, qy = screen[image, end_vertex, 0], screen[image, end_vertex, 1]
-                    # e(p) = (q - o) x (p - o): de/do = (q_y - p_y, p_x - q_x), de/dq = (p_y - o_y, o_x - p_x)
-                    for px, py, g in ((sx, sy, grad_start), (ex, ey, grad_end)):
-                        grad_screen[image, start_vertex, 0] += g * (qy - py)
-                        grad_screen[image, start_vertex, 1] += g * (px - qx)
-                        grad_screen[image, end_vertex, 0] += g * (py - oy)
-                        grad_screen[image, end_vertex, 1] += g * (ox - px)
+                    # de/do = (q_y - p_y, p_x - q_x), de/dq = (p_y - o_y, o_x - p_x)
+                    for point, g in ((start, -e_end / (difference * difference) * grad_t),
+                                     (end, e_start / (difference * difference) * grad_t)):
+                        grad_screen[image, start_vertex, 0] += g * (qy - point[1])
+                        grad_screen[image, start_vertex, 1] += g * (point[0] - qx)
+                        grad_screen[image, end_vertex, 0] += g * (point[1] - oy)
+                        grad_screen[image, end_vertex, 1] += g * (ox - point[0])
 
 
 # ---------------------------------------------------------------------------------------------
