@@ -6,6 +6,12 @@ whose content lands under the group's key (``cfg.method``). The primary file's o
 merged over the group files, so a primary config may adjust a group value. ``conf/sweep/`` holds
 W&B sweep files, not config fragments, and is not a group.
 
+A group file may carry two keys of its own, which do not land under its group: ``defaults``
+(choices for other groups, used unless the command line selects them: trainer/gpu.yaml picks the
+full face model) and ``global`` (values set over the composed config after the primary's body,
+where that key exists: trainer/cpu.yaml makes the run small). This is how one ``trainer=``
+choice switches between the minutes-long CPU default and the paper's settings.
+
 Override forms (the same ``key=value`` dotlist that W&B sweep agents pass)::
 
     method=cest              select a group's file (applied before every other override)
@@ -92,15 +98,34 @@ def compose(
     choices = _default_choices(primary, available)
 
     parsed = [_parse_override(text) for text in overrides]
+    selected = {}
     for op, key, value, text in parsed:
         if op == "set" and key in available:
-            choices[key] = _group_choice(key, value, available[key], text)
+            selected[key] = _group_choice(key, value, available[key], text)
+    choices.update(selected)
 
+    loaded = {group: _load(root / group / f"{choice}.yaml", what=f"{group}={choice}")
+              for group, choice in choices.items() if choice is not None}
+    profile = []  # (group file, its `global` block), applied after the primary body
+    for group, content in list(loaded.items()):
+        if loaded[group] is not content:  # replaced by an earlier group's defaults
+            continue
+        nested = content.pop("defaults", None)
+        if nested is not None:
+            for other, choice in _nested_defaults(nested, group, choices[group], available).items():
+                if other not in selected and other in choices:
+                    choices[other] = choice
+                    loaded[other] = _strip(_load(root / other / f"{choice}.yaml", what=f"{other}={choice}"))
+        overlay = content.pop("global", None)
+        if overlay is not None:
+            profile.append((f"{group}={choices[group]}", overlay))
     cfg = OmegaConf.create()
     for group, choice in choices.items():
         if choice is not None:
-            cfg[group] = _load(root / group / f"{choice}.yaml", what=f"{group}={choice}")
+            cfg[group] = loaded[group]
     cfg = OmegaConf.merge(cfg, primary)
+    for source, overlay in profile:
+        _merge_existing(cfg, overlay, source)
     if "choices" in cfg:
         raise ConfigError("'choices' is reserved for the selected group choices; rename that key")
 
@@ -178,6 +203,43 @@ def _load(path: Path, what: str, root: Path | None = None) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{what}: {path} must hold a mapping at the top level")
     return loaded
+
+
+def _nested_defaults(nested: Any, group: str, choice: str, available: dict[str, list[str]]) -> dict[str, str]:
+    """A group file's own ``defaults`` (e.g. trainer/gpu.yaml picks face_model=ict-face): checked
+    like the primary's; they give way to choices made on the command line."""
+    if not isinstance(nested, DictConfig):
+        raise ConfigError(f"{group}={choice}: 'defaults' must be a mapping group -> choice")
+    out = {}
+    for other, value in nested.items():
+        if other not in available or other == group:
+            raise ConfigError(f"{group}={choice}: defaults names '{other}', not another group; groups: "
+                              + ", ".join(_ranked(str(other), [g for g in available if g != group])))
+        out[other] = _group_choice(other, value, available[other], f"{group}={choice}: defaults.{other}")
+    return out
+
+
+def _strip(content: DictConfig) -> DictConfig:
+    """A group file chosen by another group's defaults: its own defaults and global do not chain."""
+    content.pop("defaults", None)
+    content.pop("global", None)
+    return content
+
+
+def _merge_existing(cfg: DictConfig, overlay: Any, source: str, prefix: str = "") -> None:
+    """Set the leaves of a group file's ``global`` block where cfg has that key. A profile
+    (trainer=cpu) may name settings that only some methods have; the others skip them."""
+    if not isinstance(overlay, DictConfig):
+        raise ConfigError(f"{source}: 'global' must be a mapping of config paths to values")
+    for key, value in overlay.items():
+        path = f"{prefix}{key}"
+        existing = OmegaConf.select(cfg, path, default=_MISSING)
+        if existing is _MISSING:
+            continue
+        if isinstance(value, DictConfig) and isinstance(existing, DictConfig):
+            _merge_existing(cfg, value, source, f"{path}.")
+        else:
+            OmegaConf.update(cfg, path, value, merge=False)
 
 
 def _default_choices(primary: DictConfig, available: dict[str, list[str]]) -> dict[str, Any]:

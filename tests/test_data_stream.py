@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from facelab.data.datamodules import (ClipsDataModule, IdentitiesDataModule, SyntheticDataModule,
+from facelab.data.datamodules import (ClipsDataModule, IdentitiesDataModule, ShardDataModule, SyntheticDataModule,
                                       build_datamodule, default_root)
 from facelab.data.shards import read_index
 from facelab.data.stream import ShardStream, StreamLoader
@@ -279,3 +279,113 @@ def test_a_lightning_trainer_runs_the_datamodule_with_a_new_shuffle_each_epoch(t
     assert [len(epoch) for epoch in probe.epochs] == [8, 8]
     assert probe.epochs[0] != probe.epochs[1]
     assert data.bad_sample_count == 0 and data.bad_samples == []
+
+
+def _augmented_loader(root, num_workers, batch_size=4, epoch_length=40) -> StreamLoader:
+    data = ShardDataModule(root, image_size=SIZE, batch_size=batch_size, num_workers=num_workers,
+                           epoch_length=epoch_length, seed=5, rank=0, world_size=1,
+                           augment={"flip": True, "color_jitter": 0.3, "max_rotation_deg": 10.0})
+    return data.train_dataloader()
+
+
+def _assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for batch, reference in zip(got, expected):
+        assert batch["meta"] == reference["meta"]
+        assert set(batch) == set(reference)
+        assert torch.equal(batch["image"], reference["image"])
+        assert torch.equal(batch["landmarks"], reference["landmarks"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_loader_resumed_mid_epoch_yields_the_rest_of_the_uninterrupted_epoch(uneven, num_workers):
+    full_loader = _augmented_loader(uneven, num_workers)
+    full_loader.sampler.set_epoch(1)
+    full = list(full_loader)
+    assert len(full) == len(full_loader) == 10
+
+    stopped = _augmented_loader(uneven, num_workers)
+    stopped.sampler.set_epoch(1)
+    batches = iter(stopped)
+    head = [next(batches) for _ in range(3)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    del batches  # the run stops here
+    _assert_same_batches(head, full[:3])
+
+    resumed = _augmented_loader(uneven, num_workers)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # pending, still the position
+    resumed.sampler.set_epoch(1)  # where Lightning sets it, after load_state_dict
+    rest = list(resumed)
+    _assert_same_batches(rest, full[3:])  # the same samples, with the same augmentation
+    assert resumed.state_dict() == {"epoch": 1, "batches": 10}
+    resumed.sampler.set_epoch(1)
+    assert len(list(resumed)) == 10  # the resume is used once
+
+
+def test_a_state_saved_at_the_end_of_an_epoch_skips_nothing_of_the_next(uneven):
+    loader = _augmented_loader(uneven, num_workers=0, epoch_length=16)
+    epochs = [list(loader) for _ in range(2)]  # epochs 0 and 1, uninterrupted
+    assert loader.state_dict() == {"epoch": 1, "batches": 4}
+
+    stopped = _augmented_loader(uneven, num_workers=0, epoch_length=16)
+    assert stopped.state_dict() == {"epoch": 0, "batches": 0}
+    list(stopped)
+    state = stopped.state_dict()
+    assert state == {"epoch": 0, "batches": 4}  # the whole epoch
+
+    resumed = _augmented_loader(uneven, num_workers=0, epoch_length=16)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)
+    _assert_same_batches(list(resumed), epochs[1])
+    assert resumed.state_dict() == {"epoch": 1, "batches": 4}
+
+
+@pytest.mark.parametrize("state", [{"epoch": 0}, {"epoch": 0, "batches": 1, "rank": 0}, {"epoch": -1, "batches": 0},
+                                   {"epoch": 0, "batches": 1.5}, {"epoch": True, "batches": 0}, [0, 1], None])
+def test_a_malformed_loader_state_is_refused(uneven, state):
+    loader = _augmented_loader(uneven, num_workers=0)
+    with pytest.raises(ValueError, match="StreamLoader.load_state_dict"):
+        loader.load_state_dict(state)
+    assert loader.state_dict() == {"epoch": 0, "batches": 0}
+
+
+def test_a_state_with_more_batches_than_the_loader_has_is_refused_when_iterating(uneven):
+    loader = _augmented_loader(uneven, num_workers=0, epoch_length=16)
+    loader.load_state_dict({"epoch": 0, "batches": 5})  # 4 batches per epoch here
+    with pytest.raises(ValueError, match="data settings"):
+        list(loader)
+
+
+class _StepProbe(_Probe):
+    """Records (epoch, frames, image checksum) of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        self.steps.append((self.current_epoch, tuple(meta["frame"] for meta in batch["meta"]),
+                           float(batch["image"].double().sum())))
+        return (self.weight * batch["image"].mean()).sum()
+
+
+def test_a_lightning_run_resumed_from_a_checkpoint_sees_the_batches_of_an_uninterrupted_run(tmp_path, uneven):
+    def fit(ckpt_path=None, checkpoints=False):
+        data = ShardDataModule(uneven, image_size=SIZE, batch_size=4, num_workers=0, epoch_length=12, seed=5,
+                               augment={"flip": True, "color_jitter": 0.3})
+        probe = _StepProbe()
+        callbacks = [L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+                     ] if checkpoints else []
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=checkpoints,
+                            callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0)
+        trainer.fit(probe, datamodule=data, ckpt_path=ckpt_path)
+        return probe.steps
+
+    steps = fit(checkpoints=True)  # 3 batches per epoch
+    assert len(steps) == 9 and [epoch for epoch, _, _ in steps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for done in (4, 3):  # mid-epoch 1, and the end of epoch 0
+        (ckpt,) = tmp_path.glob(f"*-step={done}.ckpt")
+        assert fit(ckpt_path=ckpt) == steps[done:]

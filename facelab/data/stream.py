@@ -38,7 +38,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -365,6 +365,13 @@ class StreamLoader(DataLoader):
     ``set_epoch``; without it each iteration advances the epoch), and bad-sample records:
     ``bad_samples`` {ident: BadSample} and ``bad_sample_count`` (samples lost), kept in the main
     process. persistent_workers is refused: workers would keep the first epoch's plan.
+
+    Resuming mid-epoch: ``state_dict()`` is {"epoch", "batches"}, the epoch being (or last) iterated
+    and the batches of it yielded so far; after ``load_state_dict(state)`` the next iteration, if
+    it is of that epoch, reads and discards that many batches and goes on with the next one, so a
+    resumed run sees the batches (and augmentations) an uninterrupted one would. Lightning treats a
+    loader with these two methods as stateful: it stores ``state_dict()`` in the checkpoint and,
+    on resume, calls ``load_state_dict`` before iterating and ``set_epoch`` before the first batch.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, **kwargs):
@@ -377,6 +384,9 @@ class StreamLoader(DataLoader):
         self.sampler.set_epoch = self.set_epoch
         self.bad_samples: dict[tuple, BadSample] = {}
         self._next_epoch = 0
+        self._epoch: int | None = None  # the epoch being (or last) iterated, None before any
+        self._batches = 0  # batches of self._epoch yielded (or skipped on resume) so far
+        self._resume: dict[str, int] | None = None  # loaded by load_state_dict, used by the next __iter__
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = int(epoch)
@@ -388,12 +398,60 @@ class StreamLoader(DataLoader):
     def __len__(self) -> int:
         return self.dataset.batches_per_rank(self.num_workers)
 
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch": the epoch being (or last) iterated, "batches": how many of its batches were
+        yielded so far (all of them once the epoch is exhausted)}; before any iteration, the next
+        epoch and 0; after load_state_dict and before the next iteration, the loaded state.
+
+        Counting yielded batches as consumed ones assumes the consumer takes batches one at a time
+        as it trains on them: Lightning's _PrefetchDataFetcher does not prefetch from a loader with
+        a length (this one has), so the batches yielded when a checkpoint is saved are exactly the
+        ones its training steps ran (with a prefetching consumer a resume would skip the batches
+        fetched but not trained on)."""
+        if self._resume is not None:
+            return dict(self._resume)
+        if self._epoch is None:
+            return {"epoch": self._next_epoch, "batches": 0}
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume from a :meth:`state_dict`: the next iteration, if it is of the saved epoch, skips
+        the saved number of batches (reading them, so that every reader's random state advances as
+        it did), and an iteration of another epoch skips nothing; either way the state is used
+        once. The next epoch becomes the saved one (Lightning then sets it again)."""
+        if not isinstance(state, Mapping) or set(state) != {"epoch", "batches"}:
+            keys = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"StreamLoader.load_state_dict: expected a state with exactly the keys 'epoch' and "
+                             f"'batches' (from StreamLoader.state_dict), got {keys}")
+        values = {}
+        for key in ("epoch", "batches"):
+            value = state[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"StreamLoader.load_state_dict: {key!r} must be a non-negative integer, "
+                                 f"got {value!r}")
+            values[key] = int(value)
+        self._resume = values
+        self._next_epoch = values["epoch"]
+
     def __iter__(self) -> Iterator[dict]:
-        self.dataset.set_epoch(self._next_epoch)
-        self._next_epoch += 1
+        epoch = self._next_epoch
+        self.dataset.set_epoch(epoch)
+        self._next_epoch = epoch + 1
         self.dataset.resolve_distribution()  # here, in the main process, before workers start
         self.dataset.known_bad = frozenset(self.bad_samples)
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        if skip > len(self):
+            raise ValueError(f"StreamLoader: the resumed state has {skip} batches of epoch {epoch} done, but this "
+                             f"loader yields {len(self)} per epoch; the data settings (batch size, workers, "
+                             "epoch length, ranks) differ from the run that saved it")
+        self._epoch, self._batches = epoch, 0
         for batch in super().__iter__():
             for report in batch.pop(BAD_KEY, ()):
                 self.bad_samples.setdefault(report.ident, report)
+            self._batches += 1  # before the yield: state_dict() taken after receiving a batch counts it
+            if self._batches <= skip:
+                continue  # read by the workers all the same: their random state moves on as it did
             yield batch

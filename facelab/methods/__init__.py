@@ -6,6 +6,8 @@ finds it through ``get_method``. Methods never import one another.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -38,11 +40,21 @@ def register(name: str) -> Callable[[type[T]], type[T]]:
 
 def available() -> list[str]:
     """Names of the methods that can be trained now."""
+    for name in PLANNED:
+        _import(name)
     return sorted(_REGISTRY)
+
+
+def _import(name: str) -> None:
+    """Import a method's module (which registers it) when it exists."""
+    if name not in _REGISTRY and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        importlib.import_module(f"{__name__}.{name}")
 
 
 def get_method(name: str) -> type:
     """The registered class for `name`; MethodNotAvailableError says plainly when it has not landed."""
+    if name in PLANNED:
+        _import(name)
     if name in _REGISTRY:
         return _REGISTRY[name]
     ready = ", ".join(available()) or "none yet"
