@@ -25,3 +25,16 @@ def test_bench_render_reports_environment_and_per_image_times(tmp_path, capsys, 
     assert 0 < torch_case["coverage"] < 1
     if "skipped" in nvdiffrast_case:
         assert "CUDA" in nvdiffrast_case["skipped"]
+
+
+def test_bench_train_reports_images_per_second_and_the_render_share(tmp_path, capsys, lite_model):
+    out = tmp_path / "train.json"
+    code = main(["bench", "train", "--settings", "cpu", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                 "--overrides", "data.image_size=48", "method.losses.id.weight=0", "--out", str(out)])
+    assert code == 0
+    (case,) = json.loads(out.read_text())["results"]
+    assert case["method"] == "specular" and case["setting"] == "cpu" and case["batch"] == 2
+    assert case["backbone"] == "resnet18" and case["resolution"] == 48 and "id" not in case["loss_terms"]
+    step = case["timings"]["step"]["median_s"]
+    assert abs(case["images_per_second"] - 2 / step) < 0.02 * case["images_per_second"]
+    assert 0 < case["render_share"] < 1

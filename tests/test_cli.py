@@ -11,8 +11,8 @@ from facelab.cli import main
 
 
 def test_train_composes_the_config_and_says_the_method_is_not_available_yet(capsys):
-    assert main(["train", "method=specular", "trainer.max_steps=5"]) == 3
-    assert "method 'specular' is not available yet" in capsys.readouterr().err
+    assert main(["train", "method=cest", "trainer.max_steps=5"]) == 3
+    assert "method 'cest' is not available yet" in capsys.readouterr().err
 
 
 def test_train_print_config_shows_resolved_overrides(capsys):

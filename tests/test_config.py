@@ -204,3 +204,19 @@ def test_unknown_primary_config_lists_the_available_ones(tmp_path):
     root = _write(tmp_path, {"train.yaml": "a: 1\n", "debug.yaml": "a: 2\n"})
     with pytest.raises(ConfigError, match=r"available: debug, train"):
         compose(config_name="trian", conf_root=root)
+
+
+def test_trainer_profiles_switch_between_the_cpu_default_and_the_paper_settings():
+    cpu = compose(["method=specular"])
+    assert cpu.method.backbone == "resnet18" and cpu.data.image_size < 224 and cpu.face_model.name == "ict-face-lite"
+    paper = compose(["method=specular", "trainer=gpu"])
+    assert paper.method.backbone == "resnet50" and paper.method.optimizer.lr == 5e-5
+    assert paper.data.image_size == 224 and paper.data.batch_size == 32 and paper.face_model.name == "ict-face"
+    assert paper.choices["face_model"] == "ict-face"
+    # a choice on the command line beats a profile's defaults; a value beats its global block
+    mine = compose(["trainer=gpu", "face_model=ict-face-lite", "method.backbone=resnet34"])
+    assert mine.face_model.name == "ict-face-lite" and mine.method.backbone == "resnet34"
+    # a profile's global keys that a method lacks are skipped, not added
+    other = compose(["method=cest"])
+    assert "backbone" not in other.method
+    assert "global" not in cpu.trainer and "defaults" not in paper.trainer

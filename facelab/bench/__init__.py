@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-SUITES: dict[str, str] = {"render": "facelab.bench.render", "data": "facelab.bench.data"}
+SUITES: dict[str, str] = {"render": "facelab.bench.render", "data": "facelab.bench.data", "train": "facelab.bench.train"}
 
 
 def add_cli(subparsers) -> None:

@@ -37,6 +37,10 @@ Open choices settled here (each a ``method.*`` config option; spec section in br
 - identity (4.1): SFace on 5-point aligned crops of the input and of the composite, both with
   the input's landmarks; the input's embedding without gradients. Weight 0 skips loading it.
 - head (2): zero-initialised linear head, so training starts at the mean face.
+- expression (1.1 with ICT): ``expression_activation: auto`` clamps blendshape weights to
+  [0, 1] (ICT's shapes are non-negative weights, not the paper's N(0,1) PCA codes; unclamped, the
+  CPU runs drifted to weights near -4) and passes PCA codes (``face_model.expression_space=pca``)
+  through.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class SpecularMethod(FaceReconMethod):
     def __init__(self, cfg):
         super().__init__(cfg)
         opts = self.cfg.method
-        for key, valid in (("camera", CAMERAS), ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES),
+        for key, valid in (("camera", CAMERAS), ("expression_activation", ("auto", "linear", "clamp")), ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES),
                            ("uniform_region", ("face", "skin"))):
             if opts[key] not in valid:
                 raise ValueError(f"method.{key}={opts[key]!r}; valid: {', '.join(valid)}")
@@ -83,6 +87,10 @@ class SpecularMethod(FaceReconMethod):
         if not hasattr(model, "specular_basis"):
             raise ValueError(f"face model {model.meta.get('name')!r} has no specular albedo basis; the specular "
                              "method needs one driven by the same codes as the diffuse albedo")
+        activation = opts.expression_activation
+        if activation == "auto":
+            activation = "clamp" if model.expression_space == "blendshape" else "linear"
+        self.expression_activation = activation
         groups = {"shape": model.num_shape, "expression": model.num_expression, "albedo": model.num_albedo,
                   "euler": 3, "translation": 3, "scale": 1, "sh": 27, "light_position": 3}
         if opts.shininess == "per_image":
@@ -111,7 +119,7 @@ class SpecularMethod(FaceReconMethod):
     def decode(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         opts, model = self.cfg.method, self.face_model
         batch = params["shape"].shape[0]
-        vertices = model(params["shape"], params["expression"])
+        vertices = model(params["shape"], self.expression_weights(params["expression"]))
         count = model.num_vertices
         extended = torch.cat([vertices, self._mouth_fan(vertices)], dim=1)  # face, then the fan's vertices
         rotation = euler_to_matrix(params["euler"])
@@ -139,6 +147,13 @@ class SpecularMethod(FaceReconMethod):
                 "landmarks": pixels[:, model.landmarks_68], "sh": sh, "light_position": light,
                 "shininess": self._shininess(params), "albedo": params["albedo"],
                 "params_shape": params["shape"], "params_expression": params["expression"]}
+
+    def expression_weights(self, raw: Tensor) -> Tensor:
+        """The face model's expression input from the raw outputs: ``clamp`` keeps blendshape
+        weights in [0, 1] (ICT's shapes are defined there; a negative weight is no face), ``linear``
+        passes codes through (PCA spaces, the paper's BFM). L_reg acts on the raw outputs, so a
+        clamped one is still pulled back towards the valid range."""
+        return raw.clamp(0.0, 1.0) if self.expression_activation == "clamp" else raw
 
     def _mouth_fan(self, vertices: Tensor) -> Tensor:
         """(B,L+1,3): the inner-lip loop's vertices and the fan's centre behind them (model space);
