@@ -131,3 +131,17 @@ def test_bad_options_are_clear_errors(lite_model):
         make_method("method.camera=orthographic")
     with pytest.raises(ValueError, match="loss term 'smooth' is not one this method computes"):
         make_method("+method.losses.smooth.weight=1")
+
+
+@pytest.mark.parametrize("option", ["method.camera=weak_perspective", "method.shininess=per_image",
+                                    "method.shininess=learned_global", "method.gamma_rule=separate"])
+def test_every_open_choice_renders_a_centred_face_with_finite_gradients(lite_model, option):
+    method = make_method(option)
+    params = {name: value.requires_grad_() for name, value in method.mean_params(2).items()}
+    out = method.reconstruct(params)
+    assert 0.2 < out["coverage"].mean() < 0.95
+    centre = out["landmarks"].mean(dim=1)
+    assert torch.allclose(centre, torch.full_like(centre, SIZE / 2), atol=SIZE * 0.1)
+    (out["render"].mean() + out["landmarks"].mean()).backward()
+    assert all(torch.isfinite(value.grad).all() for value in params.values() if value.grad is not None)
+    assert params["euler"].grad.abs().sum() > 0 and params["sh"].grad.abs().sum() > 0

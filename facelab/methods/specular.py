@@ -28,6 +28,9 @@ Open choices settled here (each a ``method.*`` config option; spec section in br
   I_project (hard, detached) and the uniform term.
 - photometric (4.2): eta ``photo_eta`` 1.0; C_skin from a ``skin_probability`` map when the
   batch has one, else 1 (no GMM classifier ships); M = face mask x coverage.
+- render edges (3.5): the antialiased render is laid over the input photo before the photometric
+  and identity terms (``photo_background: input``), so silhouette pixels blend face and photo
+  rather than face and black.
 - landmarks (4.3): weight ``landmark_emphasis`` 20 on brows 17-26 and outer lips 48-59,
   Euclidean (``landmark_squared: false``), times the detector's confidence.
 - mouth loss (4.4): pixel sum per image, batch mean; target A = the ``mouth_interior`` region.
@@ -69,6 +72,7 @@ from .base import FaceReconMethod
 CAMERAS = ("perspective", "weak_perspective")
 SHININESS = ("fixed", "learned_global", "per_image")
 GAMMA_RULES = ("sum", "separate")
+EXPRESSION_ACTIVATIONS = ("auto", "clamp", "linear")
 ZNEAR, ZFAR = 10.0, 10000.0
 
 
@@ -79,8 +83,9 @@ class SpecularMethod(FaceReconMethod):
     def __init__(self, cfg):
         super().__init__(cfg)
         opts = self.cfg.method
-        for key, valid in (("camera", CAMERAS), ("expression_activation", ("auto", "linear", "clamp")), ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES),
-                           ("uniform_region", ("face", "skin"))):
+        for key, valid in (("camera", CAMERAS), ("expression_activation", EXPRESSION_ACTIVATIONS),
+                           ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES), ("uniform_region", ("face", "skin")),
+                           ("photo_background", ("input", "black"))):
             if opts[key] not in valid:
                 raise ValueError(f"method.{key}={opts[key]!r}; valid: {', '.join(valid)}")
         model = self.face_model
@@ -114,7 +119,7 @@ class SpecularMethod(FaceReconMethod):
         return self.encoder(images)
 
     def mean_params(self, batch_size: int) -> dict[str, Tensor]:
-        return {name: torch.zeros(batch_size, size) for name, size in self.encoder.groups.items()}
+        return {name: torch.zeros(batch_size, size, device=self.device) for name, size in self.encoder.groups.items()}
 
     def decode(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         opts, model = self.cfg.method, self.face_model
@@ -195,7 +200,8 @@ class SpecularMethod(FaceReconMethod):
         raster = self.renderer.rasterizer(clip.device)
         with torch.autocast(clip.device.type, enabled=False):
             rast = raster.rasterize(clip.float(), triangles, size)
-            attributes = torch.cat([shown_diffuse, shown_full, normals], dim=-1).float()
+            ones = torch.ones_like(normals[..., :1])  # coverage, antialiased with the colours
+            attributes = torch.cat([shown_diffuse, shown_full, normals, ones], dim=-1).float()
             pixels = raster.antialias(raster.interpolate(attributes, rast, triangles), rast, clip.float(), triangles)
             mouth_clip = decoded["mouth_clip"].float()
             mouth_rast = raster.rasterize(mouth_clip, self.mouth_triangles, size)
@@ -204,7 +210,7 @@ class SpecularMethod(FaceReconMethod):
         channels = pixels.permute(0, 3, 1, 2)
         return {"render_diffuse": channels[:, 0:3], "render": channels[:, 3:6],
                 "normals": F.normalize(channels[:, 6:9], dim=1) * coverage, "mouth": mouth[..., 0],
-                "coverage": coverage, "vertex_diffuse": diffuse}
+                "coverage": coverage, "alpha": channels[:, 9:10], "vertex_diffuse": diffuse}
 
     # --- losses ---------------------------------------------------------------------------------------
     def loss_values(self, batch: Mapping[str, Any], out: Mapping[str, Tensor],
@@ -213,7 +219,8 @@ class SpecularMethod(FaceReconMethod):
         image = batch["image"]
         terms = {
             "photo": lambda: hybrid_photometric(
-                image, out["render_diffuse"], out["render"], (batch["mask"] * out["coverage"])[:, 0],
+                image, self.over_input(out, "render_diffuse", image), self.over_input(out, "render", image),
+                (batch["mask"] * out["coverage"])[:, 0],
                 self._skin(batch), eta=float(opts.photo_eta)),
             "lmk": lambda: landmark_reprojection(out["landmarks"], batch["landmarks"], self.lmk_weights,
                                                  batch.get("landmarks_conf"), squared=bool(opts.landmark_squared)),
@@ -227,6 +234,15 @@ class SpecularMethod(FaceReconMethod):
             with torch.set_grad_enabled(torch.is_grad_enabled() and needed.get(name, False)):
                 values[name] = terms[name]()
         return values
+
+    def over_input(self, out: Mapping[str, Tensor], key: str, image: Tensor) -> Tensor:
+        """The antialiased render over the input photo (``photo_background: input``): a silhouette
+        pixel then mixes face and photo, as a camera would see it; over black
+        (``photo_background: black``) every rim pixel looks too dark inside the compared mask,
+        which pushes the silhouette outwards."""
+        if self.cfg.method.photo_background == "black":
+            return out[key]
+        return out[key] + (1.0 - out["alpha"]) * image
 
     def _skin(self, batch: Mapping[str, Any]) -> Tensor:
         probability = batch.get("skin_probability")
@@ -249,7 +265,7 @@ class SpecularMethod(FaceReconMethod):
         points = five_points_from_68(batch["landmarks"].float())
         with torch.no_grad():
             reference = net(align_crop(batch["image"], points))
-        pasted = composite(out["render"], batch["image"], out["coverage"])
+        pasted = composite(self.over_input(out, "render", batch["image"]), batch["image"], out["coverage"])
         return identity_cosine(reference, net(align_crop(pasted, points)))
 
     def identity_net(self) -> nn.Module:
