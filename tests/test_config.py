@@ -30,7 +30,7 @@ def test_defaults_select_the_cpu_friendly_choices_and_fill_run_name():
     assert dict(cfg.choices) == DEFAULT_CHOICES
     assert cfg.method.name == "specular"
     assert cfg.face_model.name == "ict-face-lite"
-    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps == 300
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps == 400
     assert cfg.seed == 0 and cfg.run.root == "runs"
     assert re.fullmatch(r"specular-\d{8}-\d{6}", cfg.run.name)
 

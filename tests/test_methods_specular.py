@@ -77,9 +77,9 @@ def test_losses_are_finite_at_zero_init_and_vanish_for_a_perfect_render(method):
     assert values["lmk"] < 1e-3 and values["reg"] == 0
     # the full render matches: what is left is the diffuse-only term, which misses the highlight
     mask = (batch["mask"] * out["coverage"])[:, 0]
-    highlight = masked_photometric(batch["image"], out["render_diffuse"], mask)
+    highlight = masked_photometric(batch["image"], method.over_input(out, "render_diffuse", batch["image"]), mask)
     assert highlight > 0.005 and abs(values["photo"] - highlight) < 2e-3
-    assert values["id"] < 1e-3  # the same image, the same crop
+    assert values["id"] < 3e-3  # the same image and crop; only rim pixels differ (render over itself)
 
 
 def test_mouth_mask_gets_gradients_from_the_expression(method):
