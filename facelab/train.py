@@ -92,8 +92,6 @@ def run_training(cfg: DictConfig, method_class: type, callbacks: Sequence[L.Call
     from facelab.methods.base import NonFiniteLossError
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if cfg.get("deterministic"):
-        torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_resume(cfg)
     datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
