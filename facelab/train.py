@@ -50,6 +50,10 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def _wandb_id(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:64]
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback] = (),
                   monitor: str = "val/loss/total") -> L.Trainer:
     """A Lightning Trainer from ``cfg.trainer`` with facelab's loggers and checkpoints."""
@@ -62,6 +66,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback
 
         mode = os.environ.get("WANDB_MODE", cfg.logger.get("mode", "offline"))
         loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"), name=str(cfg.run.name),
+                                   id=_wandb_id(str(cfg.run.name)), resume="allow",  # a resumed run continues its W&B run
                                    save_dir=str(run_dir), mode=mode, tags=list(cfg.logger.get("tags") or []),
                                    config=OmegaConf.to_container(cfg, resolve=True)))
     every = int(cfg.checkpoint.every_n_steps)
@@ -77,10 +82,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback
                      enable_model_summary=False)
 
 
+def _keep_earlier_log(run_dir: Path) -> None:
+    """Lightning's CSV logger starts metrics.csv afresh; a resumed run keeps the earlier part as
+    metrics-part<N>.csv."""
+    log_file = run_dir / "metrics.csv"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0 and log_file.is_file():
+        parts = len(list(run_dir.glob("metrics-part*.csv")))
+        log_file.rename(run_dir / f"metrics-part{parts + 1}.csv")
+
+
 def monitor_of(cfg: DictConfig) -> str:
     monitor = str(cfg.checkpoint.monitor)
-    if monitor == "auto":
-        return "val/vertex_error_mm" if cfg.data.kind == "synthetic" else "val/loss/total"
+    if monitor == "auto":  # the vertex error needs a corpus rendered with the run's face model
+        synthetic = cfg.data.kind == "synthetic" and cfg.data.synth.get("face_model") == cfg.face_model.name
+        return "val/vertex_error_mm" if synthetic else "val/loss/total"
     return monitor
 
 
@@ -94,6 +109,8 @@ def run_training(cfg: DictConfig, method_class: type, callbacks: Sequence[L.Call
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_resume(cfg)
+    if ckpt_path is not None:
+        _keep_earlier_log(run_dir)
     datamodule = build_datamodule(cfg.data, seed=int(cfg.seed))
     model = method_class(cfg)
     model.run_dir = run_dir
@@ -114,6 +131,8 @@ def run_training(cfg: DictConfig, method_class: type, callbacks: Sequence[L.Call
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if not (evaluate and trainer.is_global_zero and cfg.data.kind == "synthetic"):
         return 0
+    model.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU
+    datamodule.rank, datamodule.world_size = 0, 1  # the whole held-out split, on rank 0 alone
     summary = benchmark(model, datamodule, cfg)
     summary.update(train_seconds=round(seconds, 1), steps=int(trainer.global_step),
                    nonfinite_skipped=model.nonfinite_total,

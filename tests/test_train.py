@@ -44,6 +44,7 @@ def test_stopping_and_resuming_gives_the_weights_of_an_uninterrupted_run(tmp_pat
                           "resume=last"))
     assert run_training(second, method, evaluate=False) == 0
     expected, resumed = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "resumed")
+    assert (tmp_path / "runs" / "resumed" / "metrics-part1.csv").is_file()  # the first attempt's log is kept
     interrupted = torch.load(tmp_path / "runs" / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 6
     changed = [k for k in expected if not torch.equal(expected[k], resumed[k])]
@@ -77,6 +78,9 @@ def test_non_finite_losses_skip_their_step_and_are_counted(tmp_path, lite_model)
     checkpoint = torch.load(tmp_path / "runs" / "flaky" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["facelab"]["nonfinite_total"] == 2
     assert torch.isfinite(checkpoint["state_dict"]["encoder.head.weight"]).all()
+    # the skipped steps left weights and Adam's moments alone: 2 updates happened, not 4
+    (moments,) = [state for state in checkpoint["optimizer_states"][0]["state"].values()][:1]
+    assert int(moments["step"]) == 2
 
 
 def test_too_many_non_finite_losses_in_a_row_stop_the_run(tmp_path, lite_model, capsys):
@@ -101,15 +105,24 @@ DDP_SCRIPT = textwrap.dedent("""
         def on_train_end(self, trainer, module):
             path = os.path.join(self.out, f"rank{trainer.global_rank}.json")
             with open(path, "w") as f:
-                json.dump({"world": trainer.world_size, "seen": self.seen, "step": trainer.global_step}, f)
+                json.dump({"world": trainer.world_size, "seen": self.seen, "step": trainer.global_step,
+                           "skipped": module.nonfinite_total}, f)
+
+    class NanOnRankOne(get_method("specular")):
+        # a NaN loss at step 1 on rank 1 only: both ranks must skip that update together
+        def loss_values(self, batch, out, needed):
+            values = super().loss_values(batch, out, needed)
+            if self.global_step == 1 and self.trainer.global_rank == 1:
+                values["photo"] = values["photo"] * float("nan")
+            return values
 
     out, overrides = sys.argv[1], sys.argv[2:]
     cfg = compose(overrides)
-    sys.exit(run_training(cfg, get_method("specular"), callbacks=[Record(out)], evaluate=False))
+    sys.exit(run_training(cfg, NanOnRankOne, callbacks=[Record(out)], evaluate=False))
 """)
 
 
-def test_two_cpu_processes_train_with_ddp_and_never_share_a_sample(tmp_path, lite_model):
+def test_two_cpu_processes_train_with_ddp_never_share_a_sample_and_skip_a_nan_together(tmp_path, lite_model):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     # the corpus is built here first, so that the two ranks only read it
@@ -126,6 +139,7 @@ def test_two_cpu_processes_train_with_ddp_and_never_share_a_sample(tmp_path, lit
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(rank["world"] == 2 and rank["step"] == 4 for rank in ranks)
+    assert [rank["skipped"] for rank in ranks] == [1, 1]  # rank 1's NaN made both ranks skip, in step
     seen = [{tuple(item) for item in rank["seen"]} for rank in ranks]
     assert all(len(items) == 16 for items in seen)  # 4 steps x 4 samples, none twice within a rank
     assert not seen[0] & seen[1], "a sample was read by both ranks in the same epoch"

@@ -75,7 +75,7 @@ def _measure(method_name: str, setting: str, args) -> dict:
     step_time = time_call(step, args.repeats, args.warmup, sync)
     render_time = time_call(render, args.repeats, args.warmup, sync)
     size = len(batch["image"])
-    return {"method": method_name, "setting": setting, "device": str(device), "backbone": cfg.method.get("backbone"),
+    return {"method": method_name, "setting": setting, "device": str(device), "precision": "32 (no autocast)", "backbone": cfg.method.get("backbone"),
             "face_model": cfg.face_model.name, "resolution": int(cfg.data.image_size), "batch": size,
             "loss_terms": [term.name for term in method.loss_terms if term.weight != 0],
             "images_per_second": round(size / step_time["median_s"], 2),

@@ -11,8 +11,9 @@ The base class turns those into training: the loss terms' weights and start step
 the method config (``facelab.losses.terms``), every term is logged under ``loss/<name>``, an image
 grid (input, render, overlay, normals, landmarks) is written every ``log.images_every_n_steps``
 (PNG in the run folder, and to W&B when that logger is on), the optimiser and schedule come from
-config, and a non-finite loss skips the step (on every rank together), is counted, and stops the
-run after ``guard.max_nonfinite_in_a_row`` in a row. Validation and test report the synthetic
+config, and a non-finite loss skips the optimiser update (on every rank together: backward still
+runs, the gradients are dropped), is counted, and stops the run after
+``guard.max_nonfinite_in_a_row`` in a row. Validation and test report the synthetic
 benchmark's metrics when the batch carries ground truth (``verts``): mean vertex error after
 similarity alignment (mm) and 2D landmark error (px), for the prediction and for the mean face.
 """
@@ -108,8 +109,10 @@ class FaceReconMethod(L.LightningModule):
         out = self(batch["image"])
         values = self.loss_values(batch, out, self.loss_terms.needed(step))
         total, logged = self.loss_terms.combine(values, step)
-        if not self._finite_everywhere(total):
-            return self._skip_nonfinite(step, logged)
+        self._skip_step = not self._finite_everywhere(total)
+        if self._skip_step:
+            self._count_nonfinite(step, logged)
+            return total  # backward still runs on every rank (DDP needs it); optimizer_step drops the update
         self.nonfinite_in_a_row = 0
         self.log_dict(logged, on_step=True, batch_size=len(batch["image"]))
         self.log("loss", logged["loss/total"], prog_bar=True, logger=False)
@@ -165,7 +168,7 @@ class FaceReconMethod(L.LightningModule):
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         return float(bad) == 0.0
 
-    def _skip_nonfinite(self, step: int, logged: Mapping[str, Tensor]) -> None:
+    def _count_nonfinite(self, step: int, logged: Mapping[str, Tensor]) -> None:
         self.nonfinite_total += 1
         self.nonfinite_in_a_row += 1
         bad = sorted(k for k, v in logged.items() if k.endswith("_weighted") and not math.isfinite(float(v)))
@@ -177,7 +180,25 @@ class FaceReconMethod(L.LightningModule):
                 f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {step}: {', '.join(bad) or 'total'}); "
                 "the run stops with its last checkpoint kept. Lower the learning rate or a loss weight, or raise "
                 "guard.max_nonfinite_in_a_row")
-        return None  # Lightning skips backward and the optimiser step
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except after a non-finite loss: its gradients are dropped (None, so
+        Adam leaves weights and moments alone) or, under a gradient scaler, made NaN so that
+        the scaler skips the step as it does for any overflow."""
+
+        def closure():
+            result = optimizer_closure() if optimizer_closure is not None else None
+            if getattr(self, "_skip_step", False):
+                scaled = "16" in str(self.trainer.precision) if self._trainer is not None else False
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        if scaled and param.grad is not None:
+                            param.grad.fill_(float("nan"))
+                        elif not scaled:
+                            param.grad = None
+            return result
+
+        optimizer.step(closure=closure)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["facelab"] = {"nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row}
@@ -205,6 +226,8 @@ class FaceReconMethod(L.LightningModule):
         if kind == "constant":
             return optimizer
         steps = int(self.cfg.trainer.max_steps)
+        if steps < 1:
+            raise ValueError(f"method.scheduler.name={kind!r} needs a step budget; set trainer.max_steps (got {steps})")
         if kind == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1),
                                                                    eta_min=float(schedule.get("min_lr", 0.0)))

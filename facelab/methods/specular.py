@@ -73,7 +73,6 @@ CAMERAS = ("perspective", "weak_perspective")
 SHININESS = ("fixed", "learned_global", "per_image")
 GAMMA_RULES = ("sum", "separate")
 EXPRESSION_ACTIVATIONS = ("auto", "clamp", "linear")
-ZNEAR, ZFAR = 10.0, 10000.0
 
 
 @register("specular")
@@ -84,7 +83,7 @@ class SpecularMethod(FaceReconMethod):
         super().__init__(cfg)
         opts = self.cfg.method
         for key, valid in (("camera", CAMERAS), ("expression_activation", EXPRESSION_ACTIVATIONS),
-                           ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES), ("uniform_region", ("face", "skin")),
+                           ("shininess", SHININESS), ("gamma_rule", GAMMA_RULES), ("scale_activation", ("exp", "affine")), ("uniform_region", ("face", "skin")),
                            ("photo_background", ("input", "black"))):
             if opts[key] not in valid:
                 raise ValueError(f"method.{key}={opts[key]!r}; valid: {', '.join(valid)}")
@@ -106,6 +105,8 @@ class SpecularMethod(FaceReconMethod):
         self.renderer = MeshRenderer((self.image_size, self.image_size), backend=self.cfg.renderer.backend,
                                      kernels=self.cfg.renderer.get("kernels", "auto"))
         self.focal = float(opts.focal_224) * self.image_size / 224.0
+        self.znear = float(self.cfg.renderer.get("znear", 10.0))
+        self.zfar = float(self.cfg.renderer.get("zfar", 10000.0))
         self.register_buffer("lmk_weights", landmark_weights(float(opts.landmark_emphasis)), persistent=False)
         region = model.regions["skin"] if opts.uniform_region == "skin" else torch.ones(model.num_vertices, dtype=torch.bool)
         self.register_buffer("uniform_weights", region.float(), persistent=False)
@@ -138,7 +139,7 @@ class SpecularMethod(FaceReconMethod):
             scaled = extended * scale[:, None, None]
             focal = torch.full((batch,), self.focal, device=vertices.device)
             pixels, depth = perspective(scaled, rotation, translation, focal, centre)
-            clip = pixels_to_clip(pixels, depth, size, ZNEAR, ZFAR, perspective=True)
+            clip = pixels_to_clip(pixels, depth, size, self.znear, self.zfar, perspective=True)
             posed = torch.einsum("bij,bvj->bvi", rotation, scaled[:, :count]) + translation[:, None]
         else:  # weak perspective: pixels per mm from the same focal and distance
             px_per_mm = scale * self.focal / float(opts.camera_distance_mm)
@@ -148,6 +149,8 @@ class SpecularMethod(FaceReconMethod):
             posed = torch.einsum("bij,bvj->bvi", rotation, vertices)
         sh = params["sh"].reshape(batch, 3, 9) + F.pad(vertices.new_full((1, 3, 1), float(opts.sh_dc_offset)), (0, 8))
         light = params["light_position"] * float(opts.light_unit_mm)
+        if opts.camera == "weak_perspective":  # posed about the model origin: the camera sits in front
+            light = light + light.new_tensor([0.0, 0.0, float(opts.camera_distance_mm)])
         return {"vertices": vertices, "posed_vertices": posed, "clip": clip[:, :count], "mouth_clip": clip[:, count:],
                 "landmarks": pixels[:, model.landmarks_68], "sh": sh, "light_position": light,
                 "shininess": self._shininess(params), "albedo": params["albedo"],
@@ -230,7 +233,10 @@ class SpecularMethod(FaceReconMethod):
             "id": lambda: self._identity_loss(batch, out),
         }
         values = {}
-        for name in self.loss_terms.terms:
+        for name, term in self.loss_terms.terms.items():
+            if term.weight == 0:  # switched off: not computed (no SFace, no regions needed)
+                values[name] = image.new_zeros(())
+                continue
             with torch.set_grad_enabled(torch.is_grad_enabled() and needed.get(name, False)):
                 values[name] = terms[name]()
         return values
