@@ -189,7 +189,8 @@ class FaceReconMethod(L.LightningModule):
         def closure():
             result = optimizer_closure() if optimizer_closure is not None else None
             if getattr(self, "_skip_step", False):
-                scaled = "16" in str(self.trainer.precision) if self._trainer is not None else False
+                # only "16-mixed" runs a gradient scaler; bf16 and true-precision runs have none
+                scaled = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
                 for group in optimizer.param_groups:
                     for param in group["params"]:
                         if scaled and param.grad is not None:
