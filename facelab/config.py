@@ -106,19 +106,18 @@ def compose(
 
     loaded = {group: _load(root / group / f"{choice}.yaml", what=f"{group}={choice}")
               for group, choice in choices.items() if choice is not None}
-    profile = []  # (group file, its `global` block), applied after the primary body
-    for group, content in list(loaded.items()):
-        if loaded[group] is not content:  # replaced by an earlier group's defaults
-            continue
-        nested = content.pop("defaults", None)
-        if nested is not None:
-            for other, choice in _nested_defaults(nested, group, choices[group], available).items():
-                if other not in selected and other in choices:
-                    choices[other] = choice
-                    loaded[other] = _strip(_load(root / other / f"{choice}.yaml", what=f"{other}={choice}"))
-        overlay = content.pop("global", None)
-        if overlay is not None:
-            profile.append((f"{group}={choices[group]}", overlay))
+    nested = {}  # the chosen files' own defaults, one level deep (a file they pick does not chain)
+    for group, content in loaded.items():
+        if "defaults" in content:
+            picks = _nested_defaults(content.pop("defaults"), group, choices[group], available)
+            nested.update({other: choice for other, choice in picks.items() if other not in selected and other in choices})
+    for other, choice in nested.items():
+        choices[other] = choice
+        loaded[other] = _load(root / other / f"{choice}.yaml", what=f"{other}={choice}")
+        loaded[other].pop("defaults", None)
+    # the final files' `global` blocks, applied after the primary body
+    profile = [(f"{group}={choices[group]}", content.pop("global")) for group, content in loaded.items()
+               if "global" in content]
     cfg = OmegaConf.create()
     for group, choice in choices.items():
         if choice is not None:
@@ -217,13 +216,6 @@ def _nested_defaults(nested: Any, group: str, choice: str, available: dict[str, 
                               + ", ".join(_ranked(str(other), [g for g in available if g != group])))
         out[other] = _group_choice(other, value, available[other], f"{group}={choice}: defaults.{other}")
     return out
-
-
-def _strip(content: DictConfig) -> DictConfig:
-    """A group file chosen by another group's defaults: its own defaults and global do not chain."""
-    content.pop("defaults", None)
-    content.pop("global", None)
-    return content
 
 
 def _merge_existing(cfg: DictConfig, overlay: Any, source: str, prefix: str = "") -> None:

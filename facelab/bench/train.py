@@ -65,8 +65,9 @@ def _measure(method_name: str, setting: str, args) -> dict:
         decoded = method.decode(method.encode(batch["image"]))
     leaves = {k: v.detach().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in decoded.items()}
-    shown = [key for key in ("render", "render_diffuse", "mouth") if key in method.render(leaves)]
-    grads = {key: torch.rand_like(method.render(leaves)[key]) for key in shown}
+    images = method.render(leaves)
+    shown = [key for key in ("render", "render_diffuse", "mouth") if key in images]
+    grads = {key: torch.rand_like(images[key]) for key in shown}
 
     def render():
         out = method.render(leaves)
@@ -75,7 +76,8 @@ def _measure(method_name: str, setting: str, args) -> dict:
     step_time = time_call(step, args.repeats, args.warmup, sync)
     render_time = time_call(render, args.repeats, args.warmup, sync)
     size = len(batch["image"])
-    return {"method": method_name, "setting": setting, "device": str(device), "precision": "32 (no autocast)", "backbone": cfg.method.get("backbone"),
+    return {"method": method_name, "setting": setting, "device": str(device), "precision": "32 (no autocast)",
+            "backbone": cfg.method.get("backbone"),
             "face_model": cfg.face_model.name, "resolution": int(cfg.data.image_size), "batch": size,
             "loss_terms": [term.name for term in method.loss_terms if term.weight != 0],
             "images_per_second": round(size / step_time["median_s"], 2),

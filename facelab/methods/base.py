@@ -15,7 +15,8 @@ config, and a non-finite loss skips the optimiser update (on every rank together
 runs, the gradients are dropped), is counted, and stops the run after
 ``guard.max_nonfinite_in_a_row`` in a row. Validation and test report the synthetic
 benchmark's metrics when the batch carries ground truth (``verts``): mean vertex error after
-similarity alignment (mm) and 2D landmark error (px), for the prediction and for the mean face.
+similarity alignment (mm) and 2D landmark error (px); ``facelab.train.benchmark`` sets them
+beside the mean face's (``mean_params``) after training.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class FaceReconMethod(L.LightningModule):
         self.max_nonfinite = int(OmegaConf.select(cfg, "guard.max_nonfinite_in_a_row", default=20))
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self._skip_step = False  # set by training_step, read by optimizer_step
         self.run_dir: Path | None = None  # set by facelab.train; images go to <run_dir>/images
 
     # --- what a method supplies -------------------------------------------------------------------
@@ -141,10 +143,6 @@ class FaceReconMethod(L.LightningModule):
         self.log_dict({f"{stage}/{key}": value for key, value in logged.items()}, sync_dist=True, batch_size=size)
         self.log_dict({f"{stage}/{key}": value for key, value in self.metrics(batch, out).items()},
                       sync_dist=True, batch_size=size, prog_bar=stage == "val")
-        if stage == "test":
-            mean = self.reconstruct({k: v.to(self.device) for k, v in self.mean_params(size).items()})
-            self.log_dict({f"test/mean_face/{key}": value for key, value in self.metrics(batch, mean).items()},
-                          sync_dist=True, batch_size=size)
         if batch_idx == 0:
             self.save_grid(batch, out, f"{stage}/step{self.global_step:07d}")
 
@@ -188,7 +186,7 @@ class FaceReconMethod(L.LightningModule):
 
         def closure():
             result = optimizer_closure() if optimizer_closure is not None else None
-            if getattr(self, "_skip_step", False):
+            if self._skip_step:
                 # only "16-mixed" runs a gradient scaler; bf16 and true-precision runs have none
                 scaled = self._trainer is not None and str(self.trainer.precision) in ("16-mixed", "16")
                 for group in optimizer.param_groups:
