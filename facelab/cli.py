@@ -1,6 +1,8 @@
 """The ``facelab`` command: train, eval, reconstruct, data, assets, bench.
 
     facelab train method=specular trainer.max_steps=200     # OmegaConf dotlist overrides
+    facelab eval ckpt=runs/default/checkpoints/last.ckpt bench=synthetic
+    facelab reconstruct photo.jpg --ckpt runs/default/checkpoints/last.ckpt --out out/
     facelab assets verify
     facelab --help | facelab <command> --help
 """
@@ -12,12 +14,6 @@ import logging
 import sys
 
 from facelab import __version__
-
-# Commands whose implementation has not landed yet, and the issue that brings each.
-PENDING = {
-    "eval": "the evaluation issue (#6): metrics, benchmarks and the comparison table",
-    "reconstruct": "the evaluation issue (#6): detection, fitting and mesh export for photos",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     from facelab.data import cli as data_cli
 
     data_cli.add_cli(commands)
-    for name, issue in PENDING.items():
-        pending = commands.add_parser(name, help=f"(not available yet: {issue.split(':')[0]})", add_help=True)
-        pending.add_argument("arguments", nargs=argparse.REMAINDER)
-        pending.set_defaults(func=_pending(name, issue))
+    from facelab.eval import run as eval_run
+
+    eval_run.add_cli(commands)
+    from facelab import reconstruct
+
+    reconstruct.add_cli(commands)
     return parser
 
 
@@ -92,14 +90,6 @@ def _train(args: argparse.Namespace) -> int:
     from facelab.train import run_training  # lands with the first method
 
     return run_training(cfg, method_class)
-
-
-def _pending(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"facelab {name}: not available yet; it lands with {issue}.", file=sys.stderr)
-        return 3
-
-    return run
 
 
 if __name__ == "__main__":

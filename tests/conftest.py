@@ -34,3 +34,31 @@ def full_model():
 def lite_model(full_model):
     """The ``ict-face-lite`` model (decimated on first use, about 20 s)."""
     return _load("ict-face-lite")
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """The shared annotated photos (research-only, never copied into the project)."""
+    folder = MIRROR / "faces"
+    if not folder.is_dir():
+        pytest.skip(f"shared photos unavailable at {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def specular_checkpoint(lite_model, tmp_path_factory) -> Path:
+    """An untrained ``specular`` checkpoint (resnet18, 64 px, ict-face-lite) in the layout
+    ``facelab train`` writes: its zero head predicts the mean face at the default pose and light,
+    centred in the crop. About 1 s; no training."""
+    import torch
+
+    from facelab.config import compose
+    from facelab.methods import get_method
+
+    cfg = compose(["logger=csv", "trainer=cpu", "method=specular", "method.losses.id.weight=0"])
+    torch.manual_seed(0)
+    method = get_method("specular")(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "specular.ckpt"
+    torch.save({"state_dict": method.state_dict(), "hyper_parameters": dict(method.hparams),
+                "global_step": 0}, path)
+    return path

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-SUITES: dict[str, str] = {"render": "facelab.bench.render", "data": "facelab.bench.data", "train": "facelab.bench.train"}
+SUITES: dict[str, str] = {"render": "facelab.bench.render", "data": "facelab.bench.data", "train": "facelab.bench.train",
+                          "reconstruct": "facelab.bench.reconstruct"}
 
 
 def add_cli(subparsers) -> None:

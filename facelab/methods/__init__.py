@@ -62,3 +62,60 @@ def get_method(name: str) -> type:
         raise MethodNotAvailableError(
             f"method {name!r} is not available yet: it lands with {PLANNED[name]}. Available methods: {ready}.")
     raise MethodNotAvailableError(f"unknown method {name!r}. Available methods: {ready}.")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a facelab checkpoint, or one this installation cannot rebuild."""
+
+
+def load_method(path: str, device: str = "cpu", overrides: dict | None = None):
+    """Rebuild a trained method from a checkpoint written by ``facelab train``, in eval mode.
+
+    The run's config travels in the checkpoint (its hyperparameters), so the face model, the
+    crop size and the method's options come back as they were trained; an option added to the
+    method since then takes its current default. overrides: dotted config
+    keys set before the method is built (e.g. {"renderer.backend": "torch"} to evaluate a GPU
+    run on a CPU)."""
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such checkpoint (runs write runs/<name>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which, not the unpickler's detail
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    config = (checkpoint.get("hyper_parameters") or {}).get("config") if isinstance(checkpoint, dict) else None
+    if not config or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{file}: not a facelab checkpoint (no run config or state_dict); "
+                              "pass a .ckpt written by `facelab train`")
+    cfg = _with_current_defaults(OmegaConf.create(config))
+    for key, value in (overrides or {}).items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    method = get_method(str(cfg.method.name))(cfg)
+    try:
+        method.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # weights of another architecture than the saved config builds
+        raise CheckpointError(f"{file}: its weights do not fit the {cfg.method.name} method its config "
+                              f"describes ({str(error).splitlines()[0]}); was it written by another facelab "
+                              "version, or edited?") from error
+    return method.to(device).eval()
+
+
+def _with_current_defaults(saved):
+    """The saved run config over today's defaults for its method, so that a checkpoint written
+    before an option existed still builds (the option takes its default)."""
+    from omegaconf import OmegaConf
+
+    from facelab.config import compose
+
+    try:
+        defaults = compose([f"method={saved.method.name}", "logger=csv"])
+    except Exception:  # an unknown method or a config that no longer composes: the saved one alone
+        return saved
+    OmegaConf.set_struct(defaults, False)  # groups the saved run chose differently (logger=wandb) bring their keys
+    merged = OmegaConf.merge(defaults, saved)
+    return merged
