@@ -223,7 +223,7 @@ def test_build_datamodule_reads_the_data_configs(tmp_path):
         config = OmegaConf.load(CONF / f"{name}.yaml")
         module = build_datamodule(config)
         assert module.kind == name and module.root == default_root(name, config.get("name", "default"))
-    assert build_datamodule(OmegaConf.load(CONF / "synthetic.yaml")).root.name == "128px"  # one corpus per size
+    assert build_datamodule(OmegaConf.load(CONF / "synthetic.yaml")).root.name == "128px-template"  # one corpus per size (and framing)
 
 
 def test_the_synthetic_datamodule_builds_its_corpus_on_first_use_only(tmp_path, monkeypatch):

@@ -18,9 +18,14 @@ group modes).
 
 Choices made here (the design leaves them open):
 
-- Framing: the 68-landmark box is centred (plus a jitter) and scaled so that its longer side is
-  ``face_size`` of the image, like an aligned crop; the camera translation that does this is
-  solved for each frame, so it moves smoothly in clips.
+- Framing (``framing``): ``template`` (the default) places each face as
+  :class:`facelab.data.detect.FacePreprocessor` aligns a photo: its five alignment points
+  (:func:`facelab.data.detect.alignment_points` of the projected dense landmarks) fall on
+  ``TEMPLATE_5`` scaled by ``template_scale`` about its centroid and shifted by ``face_offset``.
+  The image-plane rotation that FacePreprocessor would also remove is left in: the drawn head roll
+  stands in for a rotation jitter. ``box`` (the InverseFaceNet preset) centres the 68-landmark box
+  (plus ``face_offset``) and scales its longer side to ``face_size`` of the image. Either way only
+  the camera translation is solved, for each frame, so the face moves smoothly in clips.
 - Light lives in camera space (normals are rotated with the head), as InverseFaceNet's spec asks.
 - The eye openings and the mouth gap of the ICT face region are closed by fans from their rim
   loops (eyes: dark iris to pale rim; mouth: dark cavity). ``fill_holes=False`` (the
@@ -73,6 +78,7 @@ from facelab.render.rasterize import antialias, visible_triangles
 from facelab.render.renderer import vertex_normals
 from facelab.render.shading import blinn_phong, gamma_encode
 
+from .detect import TEMPLATE_5, alignment_points
 from .schema import REGION_LABELS
 from .shards import INDEX, ShardWriter, read_index
 
@@ -97,6 +103,20 @@ PARAM_DOC = {
     "shininess": "(1,) Blinn-Phong exponent",
     "light_position": "(3,) mm, camera space, the point light of the highlight",
 }
+
+
+def _alignment_map() -> tuple[np.ndarray, torch.Tensor]:
+    """detect.alignment_points as a linear map, so that synthetic and real crops share one
+    definition of the five points: the dense landmark ids it reads (M,) and weights (5,M) taking
+    those points, once projected, to the five (means of eye rings, single points otherwise)."""
+    from facelab.facemodel.mediapipe import NUM_DENSE
+
+    weights = alignment_points(np.eye(NUM_DENSE))  # (5,478): it averages and picks, a linear map
+    used = np.flatnonzero(np.abs(weights).sum(0))
+    return used, torch.as_tensor(weights[:, used], dtype=torch.float32)
+
+
+ALIGNMENT_DENSE, ALIGNMENT_WEIGHTS = _alignment_map()
 
 
 @dataclass
@@ -124,8 +144,10 @@ class SynthConfig:
     yaw_deg: tuple = (-45.0, 45.0)
     roll_deg: tuple = (-15.0, 15.0)
     fov_deg: tuple = (8.0, 20.0)  # vertical field of view
-    face_size: tuple = (0.55, 0.7)  # longer side of the 68-landmark box / image size
-    face_offset: float = 0.04  # box centre jitter, fraction of the image size (uniform +-)
+    framing: str = "template"  # template (five points on detect.TEMPLATE_5, as real crops) | box
+    template_scale: tuple = (0.95, 1.05)  # template framing: scale of the template about its centroid
+    face_size: tuple = (0.55, 0.7)  # box framing: longer side of the 68-landmark box / image size
+    face_offset: float = 0.04  # shift of the template / box centre, fraction of the image size (uniform +-)
     light: str = "directional"  # directional (ambient + one light + noise) | sh_uniform
     ambient: tuple = (0.4, 1.0)  # directional: irradiance of the ambient term
     directional: tuple = (0.0, 0.8)  # directional: irradiance of the light facing it
@@ -163,7 +185,8 @@ class SynthConfig:
 
     def validate(self) -> None:
         choices = {"expression": ("sparse", "uniform", "normal"), "light": ("directional", "sh_uniform"),
-                   "background": ("procedural", "black", "photos"), "expression_space": ("blendshape", "pca")}
+                   "background": ("procedural", "black", "photos"), "expression_space": ("blendshape", "pca"),
+                   "framing": ("template", "box")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"synth {name}={getattr(self, name)!r}; valid: {', '.join(valid)}")
@@ -176,8 +199,8 @@ class SynthConfig:
             if isinstance(item.default, tuple) and (not isinstance(value, tuple) or len(value) != 2
                                                     or not value[0] <= value[1]):
                 raise ValueError(f"synth {item.name}={value!r}: expected a range [low, high] with low <= high")
-        if min(self.shininess) <= 0 or min(self.face_size) <= 0:
-            raise ValueError("synth shininess and face_size must be positive")
+        if min(self.shininess) <= 0 or min(self.face_size) <= 0 or min(self.template_scale) <= 0:
+            raise ValueError("synth shininess, face_size and template_scale must be positive")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -188,13 +211,14 @@ PRESETS: dict[str, dict] = {
     # InverseFaceNet's initial corpus (spec sections 3 and 10): yaw/pitch U(+-40), roll U(+-15),
     # shape and albedo N(0,1), expression uniform per PCA code, light DC U(0.6,1.2) and the other
     # coefficients U(+-0.2), monochrome, Lambertian, a black background showing through the mouth
-    # gap and the eyes, no anti-aliasing, the landmark box filling the crop. Expression range: the
+    # gap and the eyes, no anti-aliasing, the landmark box filling the crop (box framing, the spec's
+    # crop normalisation for real and synthetic images alike). Expression range: the
     # spec's +-3 (for a true-sigma basis) tears ICT's lips through negative blendshape weights, so
     # +-1.5; the shift on code 0 is the paper's 4.8/12 of the range, towards an open jaw.
     "inversefacenet": dict(
         expression_space="pca", expression="uniform", expression_range=(-1.5, 1.5), expression_shift=0.6,
         shape_clip=None, albedo_clip=None, pitch_deg=(-40.0, 40.0), yaw_deg=(-40.0, 40.0),
-        roll_deg=(-15.0, 15.0), fov_deg=(12.0, 12.0), face_size=(0.9, 0.9), face_offset=0.0,
+        roll_deg=(-15.0, 15.0), fov_deg=(12.0, 12.0), framing="box", face_size=(0.9, 0.9), face_offset=0.0,
         light="sh_uniform", sh_dc=(0.6, 1.2), sh_band=0.2, sh_monochrome=True, specular=(0.0, 0.0),
         background="black", fill_holes=False, antialias=False),
 }
@@ -252,7 +276,7 @@ def _clip_motion(cfg: SynthConfig, name: str) -> float:
         return cfg.clip_expression_motion
     if name in ("rotation",):
         return cfg.clip_pose_motion
-    if name in ("face_size", "face_offset"):
+    if name in ("framing_scale", "framing_offset"):
         return cfg.clip_framing_motion
     return cfg.clip_light_motion
 
@@ -269,8 +293,9 @@ def _draw_motion(face_model, cfg: SynthConfig, gen: torch.Generator, n: int) -> 
     degrees = torch.stack([_uniform(gen, (n,), cfg.pitch_deg), _uniform(gen, (n,), cfg.yaw_deg),
                            _uniform(gen, (n,), cfg.roll_deg)], dim=1)
     out = {"rotation": torch.deg2rad(degrees), "expression": _draw_expression(face_model, cfg, gen, n),
-           "face_size": _uniform(gen, (n,), cfg.face_size),
-           "face_offset": _uniform(gen, (n, 2), (-cfg.face_offset, cfg.face_offset))}
+           # one draw whichever the framing: box-framed corpora keep the parameters they had
+           "framing_scale": _uniform(gen, (n,), cfg.face_size if cfg.framing == "box" else cfg.template_scale),
+           "framing_offset": _uniform(gen, (n, 2), (-cfg.face_offset, cfg.face_offset))}
     if cfg.light == "sh_uniform":
         channels = 1 if cfg.sh_monochrome else 3
         sh = _uniform(gen, (n, channels, 9), (-cfg.sh_band, cfg.sh_band))
@@ -326,13 +351,7 @@ def _finalize(face_model, cfg: SynthConfig, latents: dict[str, torch.Tensor]) ->
     focal = (0.5 * size) / torch.tan(torch.deg2rad(latents["fov"]) / 2)
     principal = torch.full((count, 2), 0.5 * size)
     rotation = latents["rotation"]
-    device = face_model.mean.device
-    with torch.no_grad():
-        landmark_vertices = face_model.landmarks(
-            face_model(latents["shape"].to(device), latents["expression"].to(device))).cpu()
-    target = principal + latents["face_offset"] * size
-    translation = frame_faces(landmark_vertices, euler_to_matrix(rotation), focal, principal, target,
-                              latents["face_size"] * size)
+    translation = _framing_translation(face_model, cfg, latents, focal, principal)
     if "sh" in latents:
         sh = latents["sh"]
         linear = sh.mean(1)[:, [3, 1, 2]]  # the x, y, z band-1 terms: the light's dominant direction
@@ -347,6 +366,27 @@ def _finalize(face_model, cfg: SynthConfig, latents: dict[str, torch.Tensor]) ->
               "sh": sh, "specular_scale": latents["specular_scale"], "shininess": latents["shininess"],
               "light_position": translation + cfg.light_distance_mm * direction}
     return {name: value.float().contiguous() for name, value in params.items()}
+
+
+def _framing_translation(face_model, cfg: SynthConfig, latents: dict[str, torch.Tensor], focal: torch.Tensor,
+                         principal: torch.Tensor) -> torch.Tensor:
+    """The camera translation (B,3) that frames each face by ``cfg.framing``, moved by the
+    ``framing_scale`` and ``framing_offset`` latents."""
+    size, rotation = cfg.image_size, euler_to_matrix(latents["rotation"])
+    device = face_model.mean.device
+    with torch.no_grad():
+        verts = face_model(latents["shape"].to(device), latents["expression"].to(device))
+        if cfg.framing == "box":
+            points = face_model.landmarks(verts).cpu()
+        else:
+            points = face_model.dense_landmarks(verts)[:, ALIGNMENT_DENSE].cpu()
+    shift, scale = latents["framing_offset"] * size, latents["framing_scale"]
+    if cfg.framing == "box":
+        return frame_faces(points, rotation, focal, principal, principal + shift, scale * size)
+    template = torch.as_tensor(TEMPLATE_5, dtype=torch.float32) * size  # (5,2)
+    centroid = template.mean(0)
+    target = centroid + scale[:, None, None] * (template - centroid) + shift[:, None]
+    return align_faces(points, rotation, focal, principal, target)
 
 
 def frame_faces(landmarks: torch.Tensor, rotation: torch.Tensor, focal: torch.Tensor, principal: torch.Tensor,
@@ -368,6 +408,40 @@ def frame_faces(landmarks: torch.Tensor, rotation: torch.Tensor, focal: torch.Te
         aim = aim + target - 0.5 * (box_low + box_high)
     offset = (aim - principal) * flip * (depth / focal)[:, None]
     return torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
+
+
+def align_faces(points: torch.Tensor, rotation: torch.Tensor, focal: torch.Tensor, principal: torch.Tensor,
+                target: torch.Tensor, iterations: int = 4) -> torch.Tensor:
+    """The camera translation (B,3) mm that aligns the face's five alignment points to `target`
+    (B,5,2) px as FacePreprocessor's similarity would, except for its rotation (the head's roll is
+    kept): their centroid lands on the target's and the least-squares similarity from them to the
+    target has scale 1. points: (B,M,3) model space, the dense landmarks ``ALIGNMENT_DENSE``;
+    rotation (B,3,3); focal (B,); principal (B,2). A fixed-point iteration on distance and centre,
+    as :func:`frame_faces`, started from the orthographic solution."""
+    weights = ALIGNMENT_WEIGHTS.to(points)
+    rotated = torch.einsum("km,bmd->bkd", weights, torch.einsum("bij,bmj->bmi", rotation, points))
+    flip = torch.tensor([1.0, -1.0])  # image y points down, camera y up
+    depth = focal / _similarity_scale(rotated[..., :2] * flip, target)  # the projection's scale is focal / depth
+    centre, goal = rotated[..., :2].mean(1), target.mean(1)
+    aim = goal.clone()
+    for _ in range(iterations):
+        offset = (aim - principal) * flip * (depth / focal)[:, None]
+        translation = torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
+        pixels, _ = perspective(points, rotation, translation, focal, principal)
+        five = torch.einsum("km,bmd->bkd", weights, pixels)
+        depth = depth / _similarity_scale(five, target)
+        aim = aim + goal - five.mean(1)
+    offset = (aim - principal) * flip * (depth / focal)[:, None]
+    return torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
+
+
+def _similarity_scale(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) the scale of the least-squares similarity (detect.fit_similarity) taking source (B,N,2)
+    to target (B,N,2)."""
+    z, w = source - source.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
+    real = (w * z).sum((1, 2))
+    imaginary = (w[..., 1] * z[..., 0] - w[..., 0] * z[..., 1]).sum(1)
+    return torch.hypot(real, imaginary) / z.square().sum((1, 2))
 
 
 # --- backgrounds ----------------------------------------------------------------------------------
