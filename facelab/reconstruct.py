@@ -12,7 +12,8 @@ Per photo, OUT/<name>/ (name: the photo's path below the given folder, without i
   params.json     every parameter group (the network's raw outputs, as method.reconstruct takes
                   them); method, checkpoint, crop size; to_original, the (2,3) similarity taking
                   crop pixels to photo pixels; the detector's box and score; the 68 predicted
-                  landmarks (and FaceMesh's) in photo pixels
+                  landmarks (and FaceMesh's) in photo pixels; the camera (rotation, translation,
+                  scale, focal, principal point, and how they project mesh vertices to the crop)
   mesh.obj        the face in MODEL space (identity + expression, before pose and camera scale:
                   mm, +y up, +z out of the face), with the face model's UVs and the albedo as
                   per-vertex colours (`v x y z r g b`)
@@ -313,8 +314,9 @@ class Reconstructor:
         out = self._forward(faces)
         extras = self._extra_renders(out)
         colors = self._albedo_colors(out["params"])
+        camera = {key[len("camera_"):]: value for key, value in out.items() if key.startswith("camera_")}
         out = _to_cpu({"params": out["params"], "vertices": out["vertices"], "landmarks": out["landmarks"],
-                       "render": out["render"], "alpha": out.get("alpha", out["coverage"])})
+                       "render": out["render"], "alpha": out.get("alpha", out["coverage"]), "camera": camera})
         report.seconds["network"] += time.perf_counter() - started
         started = time.perf_counter()
         for index, face in enumerate(faces):
@@ -371,6 +373,9 @@ class Reconstructor:
             "mesh": "mesh.obj/.ply: model space (identity + expression, before pose), mm, +y up, +z out of the face",
             "params": {name: _rounded(value.double().numpy()) for name, value in out["params"].items()},
         }
+        if out["camera"] and self.method.camera_description():
+            record["camera"] = {"projection": self.method.camera_description() + "; photo px = to_original @ [x, y, 1]",
+                                **{name: _rounded(value.double().numpy()) for name, value in out["camera"].items()}}
         (folder / "params.json").write_text(_json(record))
         uv = {"uv": model.uv, "uv_triangles": model.uv_triangles} if hasattr(model, "uv") else {}
         write_obj(folder / "mesh.obj", out["vertices"], model.triangles, colors=colors, **uv)

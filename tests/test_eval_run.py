@@ -61,7 +61,9 @@ def test_synthetic_table_has_a_row_per_checkpoint_and_the_mean_face(specular_che
     assert set(rows) == {"specular (specular)", "mean face"}
     trained, mean = rows["specular (specular)"], rows["mean face"]
     assert trained["samples"] == 8
-    # an untrained checkpoint's zero head is the mean face: every metric agrees with the baseline row
+    # an untrained checkpoint's zero head is the mean face, through the network rather than
+    # mean_params: every metric agrees with the baseline row (a head that predicts something
+    # else is scored on it: test_a_trained_head_is_scored_on_its_own_predictions)
     for key in ("vertex_error_mm", "landmark_nme_pct", "photometric_error", "mask_iou", "albedo_error",
                 "lighting_error"):
         assert trained[key] == pytest.approx(mean[key], rel=1e-6), key
@@ -73,6 +75,58 @@ def test_synthetic_table_has_a_row_per_checkpoint_and_the_mean_face(specular_che
     table = (tmp_path / "synthetic.md").read_text().splitlines()
     assert table[1].startswith("| method | vertex err. sim. (mm) | vertex err. rigid (mm) | lmk NME (%)")
     assert len([line for line in table if line.startswith("| specular") or line.startswith("| mean face")]) == 2
+
+
+def test_a_trained_head_is_scored_on_its_own_predictions(specular_checkpoint, small_corpus, tmp_path):
+    """A head that predicts an identity (non-zero shape bias) is scored on that prediction, not
+    on the mean face: its vertex error differs from the baseline row's."""
+    import torch
+
+    state = torch.load(specular_checkpoint, weights_only=False)
+    bias = state["state_dict"]["encoder.head.bias"]
+    bias[:5] = torch.tensor([2.0, -2.0, 2.0, -2.0, 2.0])  # the first shape codes, far from the mean
+    moved = tmp_path / "runs" / "shaped" / "checkpoints" / "last.ckpt"
+    moved.parent.mkdir(parents=True)
+    torch.save(state, moved)
+    report = evaluate([str(moved)], bench="synthetic", data=str(small_corpus), out=str(tmp_path), progress=False)
+    rows = {row["name"]: row["metrics"] for row in report["candidates"]}
+    shaped, mean = rows["specular (shaped)"], rows["mean face"]
+    assert abs(shaped["vertex_error_mm"] - mean["vertex_error_mm"]) > 0.5
+    assert shaped["landmark_nme_pct"] != pytest.approx(mean["landmark_nme_pct"])
+
+
+def test_photo_landmarks_3d_recovers_image_scaled_depth_of_a_turned_head(specular_checkpoint):
+    """An orthographic reference: a mean face turned by 40 degrees of yaw, projected at s px/mm and
+    moved by a crop-to-photo similarity. Its 3D landmarks in photo pixels (depth scaled like x
+    and y, +z toward the camera) must come back, so the 3D NME against them is ~0; a flipped or
+    unscaled depth would give tens of percent."""
+    import math
+
+    import torch
+
+    from facelab.eval import metrics
+    from facelab.eval.benchmarks import Candidate, photo_landmarks_3d
+    from facelab.methods import load_method
+
+    method = load_method(str(specular_checkpoint))
+    model = method.face_model
+    yaw = math.radians(40.0)
+    rotation = torch.tensor([[math.cos(yaw), 0.0, math.sin(yaw)], [0.0, 1.0, 0.0],
+                             [-math.sin(yaw), 0.0, math.cos(yaw)]], dtype=torch.float64)
+    posed = (model.mean.reshape(1, -1, 3).double() @ rotation.T) - torch.tensor([0.0, 0.0, 1000.0],
+                                                                                dtype=torch.float64)
+    px_per_mm, centre = 0.2, 32.0
+    points = model.landmarks(posed)
+    crop = torch.stack([points[..., 0] * px_per_mm + centre, -points[..., 1] * px_per_mm + centre], dim=-1)
+    scale, shift = 3.0, torch.tensor([100.0, 40.0], dtype=torch.float64)
+    to_original = torch.cat([scale * torch.eye(2, dtype=torch.float64), shift[:, None]], dim=1)[None]
+    truth = torch.cat([crop * scale + shift, (points[..., 2:] + 1000.0) * px_per_mm * scale], dim=-1)
+    photo_2d, photo_3d = photo_landmarks_3d(Candidate("ref", method), {"landmarks": crop, "posed_vertices": posed},
+                                            to_original)
+    assert torch.allclose(photo_2d, truth[..., :2])
+    assert float(metrics.nme_aflw2000(photo_3d, truth)) < 1e-6
+    flipped = truth * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    assert float(metrics.nme_aflw2000(photo_3d, flipped)) > 0.05
 
 
 def test_eval_aflw2000_runs_on_the_shared_samples_and_prints_the_table(specular_checkpoint, faces_dir, tmp_path,
@@ -118,7 +172,7 @@ def test_scan_bench_scores_a_scan_of_the_predicted_shape_near_zero(specular_chec
 
     import torch
 
-    from facelab.eval.benchmarks import SCAN_LANDMARKS_68
+    from facelab.eval.benchmarks import SCAN_LAYOUTS
 
     data = tmp_path / "scans"
     data.mkdir()
@@ -130,7 +184,7 @@ def test_scan_bench_scores_a_scan_of_the_predicted_shape_near_zero(specular_chec
     faces = {"same": lite_model.mean.reshape(1, -1, 3), "other": lite_model(shape, None)}
     for name, vertices in faces.items():
         moved = 1.08 * vertices[0].double() @ rotation.T + torch.tensor([5.0, -20.0, 300.0], dtype=torch.float64)
-        landmarks = lite_model.landmarks(moved[None].float())[0, SCAN_LANDMARKS_68[7]].double()
+        landmarks = lite_model.landmarks(moved[None].float())[0, SCAN_LAYOUTS[7][0]].double()
         _write_scan(data, name, moved.numpy(), lite_model.triangles.numpy(), landmarks.numpy())
         shutil.copy(faces_dir / "image_0010.png", data / f"{name}.png")
     report = evaluate([str(specular_checkpoint)], bench="scan", data=str(data), out=str(tmp_path / "eval"),

@@ -14,7 +14,7 @@ from facelab.eval.scan import (closest_points_on_triangles, icp, point_to_mesh_d
                                scan_to_mesh_error)
 
 NOSE_TIP_68 = 30
-NOW_LANDMARKS_68 = [36, 39, 42, 45, 30, 48, 54]  # eye corners, nose tip, mouth corners
+NOW_LANDMARKS_68 = [36, 39, 42, 45, 33, 48, 54]  # NoW: eye corners, nose bottom, mouth corners
 
 
 # references and helpers ----------------------------------------------------------------------

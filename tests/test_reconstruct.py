@@ -100,6 +100,32 @@ def test_predicted_landmarks_land_on_the_face_in_photo_pixels(photo_run, faces_d
     assert np.linalg.norm(predicted - truth, axis=1).mean() < 0.2 * size  # the mean face: measured 0.13
 
 
+def test_the_mesh_projected_with_the_exported_camera_lands_in_the_face_box(photo_run, method):
+    """The acceptance check: load mesh.obj, project its 68 landmark vertices with params.json's
+    camera and crop-to-photo similarity, and find them on the detected face; they must also agree
+    with the method's own projected landmarks (one camera, not two)."""
+    record = json.loads((photo_run[1] / "params.json").read_text())
+    camera = record["camera"]
+    assert camera["projection"].startswith("perspective")
+    mesh = read_obj(photo_run[1] / "mesh.obj")
+    assert len(mesh.vertices) == method.face_model.num_vertices
+    points = mesh.vertices[method.face_model.landmarks_68.numpy()].astype(np.float64)
+    rotation, translation = np.array(camera["rotation"]), np.array(camera["translation"])
+    posed = camera["scale"] * points @ rotation.T + translation
+    depth = -posed[:, 2]
+    crop = np.stack([camera["principal"][0] + camera["focal"] * posed[:, 0] / depth,
+                     camera["principal"][1] - camera["focal"] * posed[:, 1] / depth], axis=1)
+    photo = apply_transform(np.array(record["to_original"]), crop)
+    np.testing.assert_allclose(photo, np.array(record["landmarks_68"]), atol=1e-2)
+    x, y, width, height = record["detector"]["box"]
+    centre = photo.mean(axis=0)
+    assert x < centre[0] < x + width and y < centre[1] < y + height
+    # the frontal mean face on this three-quarter view overhangs the box (see the test above)
+    margin = 0.35
+    assert (photo[:, 0] > x - margin * width).all() and (photo[:, 0] < x + (1 + margin) * width).all()
+    assert (photo[:, 1] > y - margin * height).all() and (photo[:, 1] < y + (1 + margin) * height).all()
+
+
 def test_overlay_changes_the_photo_only_over_the_face(photo_run, faces_dir):
     record = json.loads((photo_run[1] / "params.json").read_text())
     photo = read_image(faces_dir / "image_0010.png")

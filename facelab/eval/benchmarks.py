@@ -34,10 +34,17 @@ log = logging.getLogger(__name__)
 
 BENCHES = ("synthetic", "aflw2000", "scan")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-#: iBUG-68 indices of the scan-landmark layouts the scan benchmark accepts, by landmark count:
-#: 5 (outer eye corners, nose tip, mouth corners), 7 (NoW's: the four eye corners, nose tip, mouth
-#: corners; subject's right first) and all 68.
-SCAN_LANDMARKS_68 = {5: [36, 45, 30, 48, 54], 7: [36, 39, 42, 45, 30, 48, 54], 68: list(range(68))}
+#: Scan-landmark layouts the scan benchmark accepts, by landmark count: the iBUG-68 index of each
+#: scan landmark in order, and the positions in that list of the subject's right and left outer
+#: eye corners and of the nose bottom (iBUG 33), which place the face crop. 7 is NoW's layout
+#: (the four eye corners right to left, nose bottom, right and left mouth corner).
+SCAN_LAYOUTS = {5: ([36, 45, 33, 48, 54], (0, 1, 2)),
+                7: ([36, 39, 42, 45, 33, 48, 54], (0, 3, 4)),
+                68: (list(range(68)), (36, 45, 33))}
+#: NoW's face crop: a sphere around the point `CROP_TOWARD_EYES` of the way from the nose bottom
+#: to the outer eye corners' midpoint, of radius `CROP_RADIUS_FACTOR` x the mean of the outer-eye
+#: distance and the nose length (that midpoint to the nose bottom).
+CROP_TOWARD_EYES, CROP_RADIUS_FACTOR = 0.3, 1.4
 
 
 @dataclass
@@ -116,6 +123,9 @@ def synthetic_batches(split: Path, image_size: int, batch_size: int, limit: int 
 
     transform = GroupTransform(Augmenter(AugmentConfig(), image_size), None, True, False)
     stream = ShardStream(split, epoch_length=None, batch_size=batch_size, transform=transform, rank=0, world_size=1)
+    if stream.group_size is not None:
+        raise ValueError(f"{split} holds groups of {stream.group_size} frames ({stream.kind}); bench=synthetic reads "
+                         "single images: build one with `facelab data synth --mode images`")
     loader = StreamLoader(stream, num_workers=0)
     seen = 0
     for batch in loader:
@@ -141,22 +151,30 @@ def _head(batch: Mapping[str, Any], count: int) -> dict:
     return {k: cut(v) for k, v in batch.items()}
 
 
-def corpus_face_model(split: Path) -> str | None:
+def corpus_settings(split: Path) -> tuple[str | None, int | None]:
+    """(face model name, crop size) the corpus was rendered with, from its index."""
     from facelab.data.shards import read_index
 
-    settings = read_index(split).get("info", {}).get("settings", {})
-    return (settings.get("config") or {}).get("face_model")
+    config = read_index(split).get("info", {}).get("settings", {}).get("config") or {}
+    size = config.get("image_size")
+    return config.get("face_model"), int(size) if size else None
 
 
-def score_synthetic(candidate: Candidate, batch: Mapping[str, Any], scores: Scores, same_model: bool) -> dict:
-    """Adds one batch's synthetic metrics to `scores`; returns the candidate's output."""
+def score_synthetic(candidate: Candidate, batch: Mapping[str, Any], scores: Scores, same_model: bool,
+                    corpus_size: int | None = None) -> dict:
+    """Adds one batch's synthetic metrics to `scores`; returns the candidate's output.
+
+    same_model: the candidate's face model is the corpus's (vertex, albedo errors comparable);
+    corpus_size: the corpus's crop size, in whose pixels ``landmark_error_px`` is reported
+    whatever the candidate's crop size (None: the candidate's)."""
     device = candidate.method.device
     out = candidate(batch["image"])
     image = batch["image"].to(device)
     truth_landmarks = batch["landmarks"].to(device).float()
     landmarks = out["landmarks"].float()
     scores.add("landmark_nme_pct", 100 * metrics.nme_aflw2000(landmarks, truth_landmarks))
-    scores.add("landmark_error_px", metrics.landmark_error(landmarks, truth_landmarks))
+    to_corpus_px = (corpus_size or candidate.image_size) / candidate.image_size
+    scores.add("landmark_error_px", to_corpus_px * metrics.landmark_error(landmarks, truth_landmarks))
     verts = batch.get("verts")
     if verts is not None and verts.shape[1:] == out["vertices"].shape[1:]:
         verts = verts.to(device).float()
@@ -169,15 +187,24 @@ def score_synthetic(candidate: Candidate, batch: Mapping[str, Any], scores: Scor
         silhouette = (regions.to(device) != 0).float()
         scores.add("mask_iou", metrics.mask_iou(out["coverage"][:, 0], silhouette))
     params = batch.get("params") or {}
-    if same_model and "albedo" in params:
-        predicted = vertex_albedo(candidate.method, out)
-        if predicted is not None:
-            model = candidate.method.face_model
-            truth = model.albedo(params["albedo"].to(device).float()).clamp(0, 1)  # the corpus clamps it
-            scores.add("albedo_error", metrics.albedo_error(predicted.float(), truth, align="scale"))
+    gain = None
+    model = candidate.method.face_model
+    predicted = vertex_albedo(candidate.method, out)
+    if same_model and predicted is not None and "albedo" in params and params["albedo"].shape[-1] == model.num_albedo:
+        truth = model.albedo(params["albedo"].to(device).float()).clamp(0, 1)  # the corpus clamps it
+        scores.add("albedo_error", metrics.albedo_error(predicted.float(), truth, align="scale"))
+        gain = albedo_gain(predicted.float(), truth)
     if "sh" in params and "sh" in out:
-        scores.add("lighting_error", metrics.lighting_error(out["sh"].float(), params["sh"].to(device).float()))
+        # albedo x g under light / g renders the same image: the light is compared with the
+        # albedo's fitted gain undone, so one ambiguity is not counted twice
+        light = out["sh"].float() if gain is None else out["sh"].float() / gain[..., None]
+        scores.add("lighting_error", metrics.lighting_error(light, params["sh"].to(device).float()))
     return out
+
+
+def albedo_gain(predicted: Tensor, target: Tensor) -> Tensor:
+    """(B,3) least-squares gain per image and channel taking predicted (B,V,3) albedo to target."""
+    return (predicted * target).sum(dim=1) / predicted.square().sum(dim=1).clamp_min(1e-12)
 
 
 def vertex_albedo(method: Any, out: Mapping[str, Any]) -> Tensor | None:
@@ -192,6 +219,11 @@ def vertex_albedo(method: Any, out: Mapping[str, Any]) -> Tensor | None:
 
 
 # --- AFLW2000-3D ----------------------------------------------------------------------------------------
+#: AFLW2000-3D's annotations come from MATLAB fitting, whose first pixel's centre is (1, 1);
+#: facelab's is (0.5, 0.5), so x and y move by -0.5 (about 0.3% NME on a 150-px face).
+MATLAB_PIXEL_OFFSET = 0.5
+
+
 @dataclass
 class AflwSample:
     name: str
@@ -202,8 +234,9 @@ class AflwSample:
 
 def read_aflw2000(data: str | Path, image_size: int, limit: int | None = None,
                   progress: bool = True) -> tuple[list[AflwSample], dict[str, str]]:
-    """Detected and aligned crops of an AFLW2000-3D folder, and the photos that gave none
-    ({file name: reason}). A .jpg without its .mat, or a .mat without pt3d_68 or Pose_Para, is a
+    """Detected and aligned crops of an AFLW2000-3D folder with their annotations (``pt3d_68`` in
+    facelab's pixel convention, yaw from ``Pose_Para``), and the photos that gave none ({file
+    name: reason}). A .jpg without its .mat, or a .mat without pt3d_68 or Pose_Para, is a
     failure with that reason, not a crash."""
     import scipy.io
     from tqdm import tqdm
@@ -240,15 +273,18 @@ def read_aflw2000(data: str | Path, image_size: int, limit: int | None = None,
             except FaceSkipped as skipped:
                 failures[photo.name] = skipped.reason + (f" ({skipped.detail})" if skipped.detail else "")
                 continue
-            samples.append(AflwSample(photo.name, crop, points.T.copy(), math.degrees(float(pose.flat[1]))))
+            points = points.T.copy()
+            points[:, :2] -= MATLAB_PIXEL_OFFSET
+            samples.append(AflwSample(photo.name, crop, points, math.degrees(float(pose.flat[1]))))
     finally:
         preprocess.close()
     return samples, failures
 
 
-def photo_landmarks_3d(candidate: Candidate, out: Mapping[str, Any], to_original: Tensor) -> tuple[Tensor, Tensor]:
+def photo_landmarks_3d(candidate: Candidate, out: Mapping[str, Any],
+                       to_original: Tensor) -> tuple[Tensor, Tensor | None]:
     """Predicted 68 landmarks in photo pixels: (B,68,2) and (B,68,3) with z in pixel units
-    (+z toward the camera). x, y are the projected landmarks mapped through the crop's
+    (+z toward the camera), or None for the latter when the method has no ``posed_vertices``. x, y are the projected landmarks mapped through the crop's
     similarity; z is the posed landmark depth times a pixels-per-mm factor fitted between the
     posed (x, -y) and the projections, so any camera model gives image-scaled depth."""
     model = candidate.method.face_model
@@ -256,8 +292,8 @@ def photo_landmarks_3d(candidate: Candidate, out: Mapping[str, Any], to_original
     affine = to_original.to(crop)  # (B,2,3)
     photo = torch.einsum("bij,blj->bli", affine[:, :, :2], crop) + affine[:, None, :, 2]
     posed = out.get("posed_vertices")
-    if posed is None:
-        return photo, torch.cat([photo, torch.zeros_like(photo[..., :1])], dim=-1)
+    if posed is None:  # no 3D prediction in the camera frame: no 3D NME rather than a flat one
+        return photo, None
     points = model.landmarks(posed).double() if callable(getattr(model, "landmarks", None)) \
         else posed[:, model.landmarks_68].double()
     flat = torch.stack([points[..., 0], -points[..., 1]], dim=-1)
@@ -281,7 +317,8 @@ def score_aflw2000(candidate: Candidate, samples: Sequence[AflwSample], batch_si
         photo_2d, photo_3d = photo_landmarks_3d(candidate, out, to_original)
         truth = torch.tensor(np.stack([s.landmarks_3d for s in chunk]))
         scores.keep("nme_2d", metrics.nme_aflw2000(photo_2d, truth[..., :2]))
-        scores.keep("nme_3d", metrics.nme_aflw2000(photo_3d, truth))
+        if photo_3d is not None:
+            scores.keep("nme_3d", metrics.nme_aflw2000(photo_3d, truth))
         scores.keep("yaw_deg", [s.yaw_deg for s in chunk])
 
 
@@ -289,7 +326,9 @@ def summarise_aflw2000(scores: Scores, failures: Mapping[str, str]) -> dict[str,
     yaw = torch.tensor(scores.kept.get("yaw_deg", []), dtype=torch.float64)
     result: dict[str, Any] = {}
     for kind in ("nme_2d", "nme_3d"):
-        values = torch.tensor(scores.kept.get(kind, []), dtype=torch.float64)
+        if kind not in scores.kept:
+            continue
+        values = torch.tensor(scores.kept[kind], dtype=torch.float64)
         binned = metrics.nme_by_yaw(values * 100, yaw) if len(values) else {}
         for key, value in binned.items():
             if key != "counts":
@@ -321,43 +360,66 @@ def find_scans(data: str | Path, limit: int | None = None) -> list[ScanSample]:
     return samples[:limit] if limit is not None else samples
 
 
+def face_crop(landmarks: Tensor) -> tuple[Tensor, float]:
+    """NoW's face crop of a scan from its landmarks (a SCAN_LAYOUTS layout): (centre (3,), radius)."""
+    right_eye, left_eye, nose = (landmarks[i] for i in SCAN_LAYOUTS[len(landmarks)][1])
+    eyes = (right_eye + left_eye) / 2
+    centre = nose + CROP_TOWARD_EYES * (eyes - nose)
+    radius = CROP_RADIUS_FACTOR * float((right_eye - left_eye).norm() + (eyes - nose).norm()) / 2
+    return centre, radius
+
+
 def score_scans(candidate: Candidate, samples: Sequence[ScanSample], scores: Scores,
                 crops: Callable[[ScanSample], dict], progress: bool = True) -> tuple[dict, dict[str, str]]:
-    """NoW-style errors of each sample into `scores` (kept per scan). Returns ({name: {median,
-    mean, std}} per scored sample, {name: reason} for the samples that could not be scored)."""
+    """NoW protocol per sample: the predicted neutral face (expression codes at the zero head's,
+    as NoW scores identity shape) against the scan cropped to the face. Every scan point's
+    distance goes into `scores` (kept, pooled over scans as NoW reports them). Returns ({name:
+    {median, mean, std}} per scored sample, {name: reason} for those that could not be scored)."""
     from tqdm import tqdm
 
     from facelab.data.detect import FaceSkipped
     from facelab.eval.scan import read_scan, scan_to_mesh_error
 
     failures, per_sample = {}, {}
-    model = candidate.method.face_model
+    method = candidate.method
+    model = method.face_model
     for sample in tqdm(samples, desc=candidate.name, unit="scan", disable=not progress):
         try:
             crop = crops(sample)
+            scan = read_scan(sample.scan)
+            if scan.landmarks is None or len(scan.landmarks) not in SCAN_LAYOUTS:
+                raise ValueError(f"{sample.scan.name}: needs 5, 7 (NoW) or 68 landmarks, found "
+                                 f"{0 if scan.landmarks is None else len(scan.landmarks)}")
+            image = torch.from_numpy(crop["image"]).permute(2, 0, 1).float()[None] / 255
+            params = dict(candidate(image)["params"])
+            params["expression"] = method.mean_params(1)["expression"].to(params["expression"])
+            with torch.no_grad():
+                vertices = method.decode(params)["vertices"][0].double().cpu()
+            scan_landmarks = torch.as_tensor(np.asarray(scan.landmarks), dtype=torch.float64)
+            centre, radius = face_crop(scan_landmarks)
+            mesh_landmarks = model.landmarks(vertices[None])[0][SCAN_LAYOUTS[len(scan_landmarks)][0]]
+            result = scan_to_mesh_error(torch.as_tensor(np.asarray(scan.points), dtype=torch.float64), scan_landmarks,
+                                        vertices, model.triangles.cpu(), mesh_landmarks, crop_radius=radius,
+                                        crop_centre=centre)
         except FaceSkipped as skipped:
             failures[sample.name] = skipped.reason
             continue
-        scan = read_scan(sample.scan)
-        if scan.landmarks is None or len(scan.landmarks) not in SCAN_LANDMARKS_68:
-            failures[sample.name] = (f"{sample.scan.name}: needs 5, 7 or 68 landmarks, found "
-                                     f"{0 if scan.landmarks is None else len(scan.landmarks)}")
+        except ValueError as error:  # a garbled scan or sidecar, too few points in the crop
+            failures[sample.name] = str(error)
             continue
-        image = torch.from_numpy(crop["image"]).permute(2, 0, 1).float()[None] / 255
-        out = candidate(image)
-        vertices = out["vertices"][0].double().cpu()
-        mesh_landmarks = model.landmarks(out["vertices"])[0].double().cpu()[SCAN_LANDMARKS_68[len(scan.landmarks)]]
-        result = scan_to_mesh_error(torch.as_tensor(np.asarray(scan.points), dtype=torch.float64),
-                                    torch.as_tensor(np.asarray(scan.landmarks), dtype=torch.float64),
-                                    vertices, model.triangles.cpu(), mesh_landmarks)
         per_sample[sample.name] = {key: float(result[key]) for key in ("median", "mean", "std")}
-        for key, value in per_sample[sample.name].items():
-            scores.keep(f"scan_{key}_mm", [value])
+        scores.keep("distances", result["distances"])
     return per_sample, failures
 
 
-def summarise_scans(scores: Scores, failures: Mapping[str, str]) -> dict[str, Any]:
-    result: dict[str, Any] = {key: float(np.mean(values)) for key, values in scores.kept.items() if values}
-    result["evaluated"] = len(scores.kept.get("scan_median_mm", []))
+def summarise_scans(scores: Scores, per_sample: Mapping[str, dict], failures: Mapping[str, str]) -> dict[str, Any]:
+    """Median, mean and std (mm) of every scan point's distance, pooled over the scans (NoW's
+    cumulative statistics, not a mean of per-scan figures)."""
+    result: dict[str, Any] = {}
+    distances = np.asarray(scores.kept.get("distances", []), dtype=np.float64)
+    if len(distances):
+        result.update(scan_median_mm=float(np.median(distances)), scan_mean_mm=float(distances.mean()),
+                      scan_std_mm=float(distances.std()))
+    result["evaluated"] = len(per_sample)
     result["failed"] = len(failures)
     return result

@@ -119,7 +119,7 @@ def evaluate(checkpoints: Sequence[str], bench: str = "synthetic", data: str | N
     candidates, taken = [], set()
     for path in checkpoints:
         try:
-            method = load_method(path, device=device, overrides={"renderer.backend": "torch"} if device == "cpu" else None)
+            method = load_method(path, device=device)
         except CheckpointError as error:
             raise EvalUsageError(str(error)) from error
         candidates.append(B.Candidate(candidate_name(path, str(method.cfg.method.name), taken), method,
@@ -165,7 +165,7 @@ def _run_synthetic(candidates, data, batch_size, limit, progress):
     from tqdm import tqdm
 
     split = B.synthetic_split(data) if data else B.default_synthetic_data(candidates[0].method)
-    corpus_model = B.corpus_face_model(split)
+    corpus_model, corpus_size = B.corpus_settings(split)
     results, notes = {}, []
     for candidate in candidates:
         scores = B.Scores()
@@ -175,9 +175,10 @@ def _run_synthetic(candidates, data, batch_size, limit, progress):
                          f"corpus's {corpus_model}; no vertex or albedo errors")
         batches = B.synthetic_batches(split, candidate.image_size, batch_size, limit)
         for batch in tqdm(batches, desc=candidate.name, unit="batch", disable=not progress):
-            B.score_synthetic(candidate, batch, scores, same)
+            B.score_synthetic(candidate, batch, scores, same, corpus_size)
         results[candidate.name] = {**scores.means(), "samples": max(scores.counts.values(), default=0)}
-    return results, {"data": str(split), "corpus_face_model": corpus_model, "notes": notes}
+    return results, {"data": str(split), "corpus_face_model": corpus_model, "corpus_image_size": corpus_size,
+                     "notes": notes}
 
 
 def _run_aflw2000(candidates, data, batch_size, limit, progress):
@@ -209,22 +210,24 @@ def _run_scan(candidates, data, batch_size, limit, progress):
     results, notes, per_sample = {}, [], {}
     crops: dict[int, dict] = {}  # crop size -> {sample name: FacePreprocessor output}: detection once per size
     preprocessors: dict[int, FacePreprocessor] = {}
-    for candidate in candidates:
-        size = candidate.image_size
-        if size not in preprocessors:
-            preprocessors[size], crops[size] = FacePreprocessor(size=size), {}
+    try:
+        for candidate in candidates:
+            size = candidate.image_size
+            if size not in preprocessors:
+                preprocessors[size], crops[size] = FacePreprocessor(size=size), {}
 
-        def crop(sample, cached=crops[size], preprocess=preprocessors[size]):
-            if sample.name not in cached:
-                cached[sample.name] = preprocess(read_image(sample.photo))
-            return cached[sample.name]
+            def crop(sample, cached=crops[size], preprocess=preprocessors[size]):
+                if sample.name not in cached:
+                    cached[sample.name] = preprocess(read_image(sample.photo))
+                return cached[sample.name]
 
-        scores = B.Scores()
-        per_sample[candidate.name], failures = B.score_scans(candidate, samples, scores, crop, progress)
-        results[candidate.name] = B.summarise_scans(scores, failures)
-        notes += [f"{name}: {reason}" for name, reason in failures.items()]
-    for preprocess in preprocessors.values():
-        preprocess.close()
+            scores = B.Scores()
+            per_sample[candidate.name], failures = B.score_scans(candidate, samples, scores, crop, progress)
+            results[candidate.name] = B.summarise_scans(scores, per_sample[candidate.name], failures)
+            notes += [f"{name}: {reason}" for name, reason in failures.items()]
+    finally:
+        for preprocess in preprocessors.values():
+            preprocess.close()
     return results, {"data": str(data), "per_sample": per_sample, "notes": sorted(set(notes))}
 
 
@@ -232,7 +235,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         options = parse_options(args.options)
         report = evaluate(options.pop("ckpt"), **options)
-    except (EvalUsageError, FileNotFoundError) as error:
+    except (EvalUsageError, FileNotFoundError, ValueError) as error:
         print(f"facelab eval: {error}", file=sys.stderr)
         return 2
     print(report["table"], end="")

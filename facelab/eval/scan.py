@@ -450,9 +450,9 @@ def scan_to_mesh_error(scan_points: Tensor, scan_landmarks: Tensor, mesh_vertice
     mesh_vertices: (V,3) float, any units and frame; mesh_faces: (F,3) int; mesh_landmarks:
     (L,3) mesh positions corresponding to scan_landmarks, or (L,) int vertex ids.
     icp_iterations: 0 keeps the landmark alignment alone; crop_radius: keep only scan points
-    within this distance of crop_centre (an index into scan_landmarks, e.g. the nose tip: 30 of
-    the iBUG 68, or a (3,) point), as NoW crops scans to the face; crop_centre is required with
-    crop_radius. scale/trim: as for icp (scale False: rigid ICP after the landmark similarity).
+    within this distance of crop_centre (an index into scan_landmarks, or a (3,) point), as NoW
+    crops scans to the face (facelab.eval.benchmarks.face_crop places NoW's sphere); crop_centre
+    is required with crop_radius. scale/trim: as for icp (scale False: rigid ICP after the landmark similarity).
 
     The mesh is aligned to the scan with the landmark similarity (Umeyama), then refined by ICP
     of the scan points onto the aligned mesh surface, whose inverse moves the mesh; the error is

@@ -64,6 +64,9 @@ def get_method(name: str) -> type:
     raise MethodNotAvailableError(f"unknown method {name!r}. Available methods: {ready}.")
 
 
+_MISSING = object()
+
+
 class CheckpointError(ValueError):
     """A file that is not a facelab checkpoint, or one this installation cannot rebuild."""
 
@@ -73,7 +76,8 @@ def load_method(path: str, device: str = "cpu", overrides: dict | None = None):
 
     The run's config travels in the checkpoint (its hyperparameters), so the face model, the
     crop size and the method's options come back as they were trained; an option added to the
-    method since then takes its current default. overrides: dotted config
+    method since then takes its current default; a run rendered with nvdiffrast renders with the
+    PyTorch backend off CUDA. overrides: dotted config
     keys set before the method is built (e.g. {"renderer.backend": "torch"} to evaluate a GPU
     run on a CPU)."""
     from pathlib import Path
@@ -94,7 +98,11 @@ def load_method(path: str, device: str = "cpu", overrides: dict | None = None):
                               "pass a .ckpt written by `facelab train`")
     cfg = _with_current_defaults(OmegaConf.create(config))
     for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise CheckpointError(f"{file}: override {key}={value!r}: the run config has no key {key!r}")
+        OmegaConf.update(cfg, key, value)
+    if torch.device(device).type != "cuda" and OmegaConf.select(cfg, "renderer.backend") == "nvdiffrast":
+        cfg.renderer.backend = "torch"  # a GPU run used away from a GPU: the same rasterizer contract in PyTorch
     method = get_method(str(cfg.method.name))(cfg)
     try:
         method.load_state_dict(checkpoint["state_dict"])
@@ -106,16 +114,18 @@ def load_method(path: str, device: str = "cpu", overrides: dict | None = None):
 
 
 def _with_current_defaults(saved):
-    """The saved run config over today's defaults for its method, so that a checkpoint written
-    before an option existed still builds (the option takes its default)."""
+    """The saved run config with its ``method`` block laid over today's conf/method/<name>.yaml,
+    so that a checkpoint written before a method option existed still builds (the option takes
+    the method file's default; no profile's values, no other group)."""
     from omegaconf import OmegaConf
 
-    from facelab.config import compose
+    from facelab.config import conf_dir
 
-    try:
-        defaults = compose([f"method={saved.method.name}", "logger=csv"])
-    except Exception:  # an unknown method or a config that no longer composes: the saved one alone
+    path = conf_dir() / "method" / f"{saved.method.name}.yaml"
+    if not path.is_file():  # a method without a config file of its own: the saved block alone
         return saved
-    OmegaConf.set_struct(defaults, False)  # groups the saved run chose differently (logger=wandb) bring their keys
-    merged = OmegaConf.merge(defaults, saved)
+    defaults = OmegaConf.load(path)
+    for key in ("defaults", "global"):  # group-file directives, not method options
+        defaults.pop(key, None)
+    merged = OmegaConf.merge(saved, {"method": OmegaConf.merge(defaults, saved.method)})
     return merged

@@ -78,7 +78,9 @@ class FaceReconMethod(L.LightningModule):
 
     def decode(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Must include ``vertices`` (B,V,3) model space (shape + expression, before pose) and
-        ``landmarks`` (B,68,2) projected pixels."""
+        ``landmarks`` (B,68,2) projected pixels; may include ``camera_*`` tensors (rotation,
+        translation, scale, ...), which ``facelab reconstruct`` exports with
+        :meth:`camera_description` saying how they project."""
         raise NotImplementedError
 
     def render(self, decoded: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -95,6 +97,11 @@ class FaceReconMethod(L.LightningModule):
     def mean_params(self, batch_size: int) -> dict[str, Tensor]:
         """The prediction of a zero head: the mean face at the default pose and light."""
         raise NotImplementedError
+
+    def camera_description(self) -> str | None:
+        """How the decoded ``camera_*`` outputs take model-space vertices to crop pixels (None:
+        the method exports no camera)."""
+        return None
 
     # --- the shared pipeline ----------------------------------------------------------------------
     def forward(self, images: Tensor) -> dict[str, Tensor]:

@@ -141,12 +141,15 @@ class SpecularMethod(FaceReconMethod):
             pixels, depth = perspective(scaled, rotation, translation, focal, centre)
             clip = pixels_to_clip(pixels, depth, size, self.znear, self.zfar, perspective=True)
             posed = torch.einsum("bij,bvj->bvi", rotation, scaled[:, :count]) + translation[:, None]
+            camera = {"camera_scale": scale, "camera_translation": translation, "camera_focal": focal,
+                      "camera_principal": centre}
         else:  # weak perspective: pixels per mm from the same focal and distance
             px_per_mm = scale * self.focal / float(opts.camera_distance_mm)
             shift = centre + params["translation"][:, :2] * unit * self.focal / float(opts.camera_distance_mm)
             pixels, depth = weak_perspective(extended, rotation, px_per_mm, shift)
             clip = pixels_to_clip(pixels, depth, size, -5000.0, 5000.0, perspective=False)
             posed = torch.einsum("bij,bvj->bvi", rotation, vertices)
+            camera = {"camera_scale": px_per_mm, "camera_translation": shift}
         sh = params["sh"].reshape(batch, 3, 9) + F.pad(vertices.new_full((1, 3, 1), float(opts.sh_dc_offset)), (0, 8))
         light = params["light_position"] * float(opts.light_unit_mm)
         if opts.camera == "weak_perspective":  # posed about the model origin: the camera sits in front
@@ -154,7 +157,16 @@ class SpecularMethod(FaceReconMethod):
         return {"vertices": vertices, "posed_vertices": posed, "clip": clip[:, :count], "mouth_clip": clip[:, count:],
                 "landmarks": pixels[:, model.landmarks_68], "sh": sh, "light_position": light,
                 "shininess": self._shininess(params), "albedo": params["albedo"],
-                "params_shape": params["shape"], "params_expression": params["expression"]}
+                "params_shape": params["shape"], "params_expression": params["expression"],
+                "camera_rotation": rotation, **camera}
+
+    def camera_description(self) -> str:
+        """How the exported ``camera_*`` outputs map model-space vertices v (mm) to crop pixels."""
+        if self.cfg.method.camera == "perspective":
+            return ("perspective: p = scale * rotation @ v + translation (mm, camera looks down -z); "
+                    "x = principal_x + focal * p_x / -p_z, y = principal_y - focal * p_y / -p_z")
+        return ("weak_perspective: q = rotation @ v; x = translation_x + scale * q_x, "
+                "y = translation_y - scale * q_y (scale in px/mm)")
 
     def expression_weights(self, raw: Tensor) -> Tensor:
         """The face model's expression input from the raw outputs: ``clamp`` keeps blendshape
