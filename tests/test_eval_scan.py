@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from facelab.eval.metrics import similarity_transform
-from facelab.eval.scan import (closest_points_on_triangles, icp, point_to_mesh_distance, read_landmarks, read_scan,
-                               scan_to_mesh_error)
+from facelab.eval.scan import closest_points_on_triangles, icp, point_to_mesh_distance, scan_to_mesh_error
+from facelab.eval.scan_io import read_landmarks, read_scan
 
 NOSE_TIP_68 = 30
 NOW_LANDMARKS_68 = [36, 39, 42, 45, 33, 48, 54]  # NoW: eye corners, nose bottom, mouth corners

@@ -12,7 +12,7 @@ face of one) is run over a benchmark's samples and scored with :mod:`facelab.eva
   whose face is not found counts as a failure and is left out of the means (the count is
   reported). 2D and 3D 68-point NME by yaw bin and their balanced mean.
 - ``scan``: photos with a 3D scan each (``NAME.jpg|png`` + ``NAME.obj|ply`` + a landmark sidecar,
-  see :func:`facelab.eval.scan.read_scan`): the NoW protocol, scan-to-mesh distance after a
+  see :func:`facelab.eval.scan_io.read_scan`): the NoW protocol, scan-to-mesh distance after a
   landmark similarity and ICP refinement; median, mean and std in mm.
 """
 
@@ -378,7 +378,8 @@ def score_scans(candidate: Candidate, samples: Sequence[ScanSample], scores: Sco
     from tqdm import tqdm
 
     from facelab.data.detect import FaceSkipped
-    from facelab.eval.scan import read_scan, scan_to_mesh_error
+    from facelab.eval.scan import scan_to_mesh_error
+    from facelab.eval.scan_io import read_scan
 
     failures, per_sample = {}, {}
     method = candidate.method
