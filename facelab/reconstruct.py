@@ -3,12 +3,14 @@
     facelab reconstruct photo.jpg --ckpt runs/NAME/checkpoints/last.ckpt --out recon/
     facelab reconstruct photos/ --ckpt last.ckpt --out recon/ --batch-size 16 --relight
 
-Each photo's largest face is detected (YuNet), landmarked (FaceMesh) and aligned to the method's
-crop size as in `facelab data prep`; the crops run through the method in batches. Folders are read
+Each photo's faces are detected (YuNet), landmarked (FaceMesh) and aligned to the method's crop
+size as in `facelab data prep` (--faces largest: only the largest); the crops run through the
+method in batches. Folders are read
 non-recursively (--recursive for subfolders); only files with an image suffix (.jpg, .png, ...) are
 read from a folder, other files (.pts annotations, ...) are listed as ignored.
 
-Per photo, OUT/<name>/ (name: the photo's path below the given folder, without its suffix) holds:
+Per face, OUT/<name>/ (name: the photo's path below the given folder, without its suffix; a
+photo's second, third, ... face in OUT/<name>_face2/, ...) holds:
   params.json     every parameter group (the network's raw outputs, as method.reconstruct takes
                   them); method, checkpoint, crop size; to_original, the (2,3) similarity taking
                   crop pixels to photo pixels; the detector's box and score; the 68 predicted
@@ -112,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relight", action="store_true", help="also write relit.png (canonical key lights)")
     parser.add_argument("--expression-from", type=Path, default=None, metavar="IMAGE",
                         help="also write expression.png: each face with this photo's expression")
+    parser.add_argument("--faces", choices=("all", "largest"), default="all",
+                        help="every face in a photo (default; the largest in OUT/<name>/, the k-th in "
+                             "OUT/<name>_face<k>/) or the largest only")
     parser.add_argument("--opacity", type=float, default=0.8, metavar="A", help="of the render in overlay.png (default 0.8)")
     parser.add_argument("--min-face", type=int, default=48, metavar="PX",
                         help="skip faces whose box is shorter than this many pixels (default 48)")
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         report = reconstruct(args.inputs, args.ckpt, args.out, batch_size=args.batch_size, device=args.device,
                              relight=args.relight, expression_from=args.expression_from, progress=not args.quiet,
                              recursive=args.recursive, overrides=overrides, min_face=args.min_face,
-                             min_score=args.min_score, opacity=args.opacity)
+                             min_score=args.min_score, opacity=args.opacity, all_faces=args.faces == "all")
     except (CheckpointError, ReconstructError, ModuleNotFoundError) as error:
         print(f"facelab reconstruct: {error}", file=sys.stderr)
         return 2
@@ -159,7 +164,7 @@ def newest_checkpoint(runs: Path = Path("runs")) -> Path:
 def reconstruct(inputs, ckpt, out, batch_size: int = 8, device: str = "cpu", relight: bool = False,
                 expression_from=None, progress: bool = True, recursive: bool = False,
                 overrides: dict | None = None, min_face: int = 48, min_score: float = 0.6,
-                opacity: float = 0.8) -> Report:
+                opacity: float = 0.8, all_faces: bool = True) -> Report:
     """Reconstruct every face in `inputs` (a photo, a folder, or a list of them) with the method in
     checkpoint `ckpt`, writing OUT/<name>/ per photo (see the module docstring).
 
@@ -171,7 +176,7 @@ def reconstruct(inputs, ckpt, out, batch_size: int = 8, device: str = "cpu", rel
     photos, ignored = find_images(inputs, recursive)
     method = _load(ckpt, device, overrides or {})
     reconstructor = Reconstructor(method, checkpoint=str(ckpt), min_face=min_face, min_score=min_score,
-                                  relight=relight, opacity=opacity)
+                                  relight=relight, opacity=opacity, all_faces=all_faces)
     try:
         if expression_from is not None:
             reconstructor.set_expression_source(Path(expression_from))
@@ -231,7 +236,7 @@ class Reconstructor:
     passes -> files. method: a FaceReconMethod; checkpoint: recorded in params.json."""
 
     def __init__(self, method, checkpoint: str | None = None, min_face: int = 48, min_score: float = 0.6,
-                 relight: bool = False, opacity: float = 0.8):
+                 relight: bool = False, opacity: float = 0.8, all_faces: bool = True):
         os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's start-up chatter
         from facelab.data.detect import FacePreprocessor
 
@@ -240,7 +245,7 @@ class Reconstructor:
         groups = method.mean_params(1)
         if relight and "sh" not in groups:
             raise ReconstructError(f"--relight: method {self.name!r} has no 'sh' parameter group to replace")
-        self.relight = relight
+        self.relight, self.all_faces = relight, all_faces
         self.expression_source: tuple[torch.Tensor, np.ndarray, str] | None = None  # code, crop, name
         self.preprocess = FacePreprocessor(size=self.image_size, min_face=min_face, min_score=min_score)
 
@@ -284,16 +289,18 @@ class Reconstructor:
             started = time.perf_counter()
             try:
                 photo = read_image(file)
-                face = self.preprocess(photo)
+                faces = self.preprocess.all_faces(photo) if self.all_faces else [self.preprocess(photo)]
             except FaceSkipped as skip:
                 report.skipped.append(Skipped(str(file), skip.reason, skip.detail))
                 continue
             finally:
                 report.seconds["detect"] += time.perf_counter() - started
-            pending.append({**face, "photo": photo, "file": file, "folder": out / name})
-            if len(pending) == batch_size:
-                self._batch(pending, report)
-                pending = []
+            for index, face in enumerate(faces):
+                folder = out / (name if index == 0 else f"{name}_face{index + 1}")
+                pending.append({**face, "photo": photo, "file": file, "folder": folder})
+                if len(pending) == batch_size:
+                    self._batch(pending, report)
+                    pending = []
             bar.set_postfix(faces=len(report.written) + len(pending), skipped=len(report.skipped))
         if pending:
             self._batch(pending, report)

@@ -275,7 +275,8 @@ def test_bench_reconstruct_reports_photos_per_second_and_stage_shares(tmp_path, 
     results = json.loads(out.read_text())["results"]
     assert results["image_size"] == 64 and results["photos"] == 8 and results["checkpoint"].startswith("untrained")
     (case,) = results["cases"]
-    assert case["batch_size"] == 4 and case["faces"] == 8
+    # every face of every photo: the group photos add faces (breakingbad, einstein, fr_two_people)
+    assert case["batch_size"] == 4 and case["photos"] == 8 and case["faces"] > 8
     total = case["timings"]["total"]["median_s"]
     assert abs(case["images_per_second"] - 8 / total) < 0.01 * case["images_per_second"] + 0.01
     assert abs(sum(case["share"].values()) - 1) < 0.01 and set(case["share"]) == {"detect", "network", "export"}
@@ -300,3 +301,23 @@ def test_bare_command_uses_the_newest_run_and_writes_under_runs(specular_checkpo
     assert "runs/newer/checkpoints/last.ckpt" in capsys.readouterr().err
     written = tmp_path / "runs" / "reconstruct" / "takeo"
     assert {"params.json", "mesh.obj", "mesh.ply", "overlay.png"} <= {p.name for p in written.iterdir()}
+
+
+def test_every_face_of_a_group_photo_gets_its_own_folder(specular_checkpoint, faces_dir, tmp_path):
+    """fr_two_people.jpg: two faces, the larger in OUT/<name>/, the other in OUT/<name>_face2/, on
+    different parts of the photo; --faces largest keeps the first alone."""
+    photo = faces_dir / "fr_two_people.jpg"
+    report = reconstruct(photo, specular_checkpoint, tmp_path / "all", progress=False)
+    assert report.exit_code == 0 and len(report.written) == 2
+    first, second = (json.loads((tmp_path / "all" / name / "params.json").read_text())
+                     for name in ("fr_two_people", "fr_two_people_face2"))
+    box_a, box_b = np.array(first["detector"]["box"]), np.array(second["detector"]["box"])
+    assert box_a[2] * box_a[3] >= box_b[2] * box_b[3]  # largest first
+    centre_a, centre_b = box_a[:2] + box_a[2:] / 2, box_b[:2] + box_b[2:] / 2
+    assert np.linalg.norm(centre_a - centre_b) > max(box_a[2], box_b[2])  # two faces, not one twice
+    for record in (first, second):
+        x, y, width, height = record["detector"]["box"]
+        centre = np.array(record["landmarks_68"]).mean(axis=0)
+        assert x < centre[0] < x + width and y < centre[1] < y + height
+    largest = reconstruct(photo, specular_checkpoint, tmp_path / "one", progress=False, all_faces=False)
+    assert [p.name for p in largest.written] == ["fr_two_people"]

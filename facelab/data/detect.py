@@ -237,6 +237,33 @@ class FacePreprocessor:
         """image: (H,W,3) uint8 RGB. Returns a raw sample (schema keys except ``meta``'s source
         fields) whose ``meta`` holds detector_score, n_faces, box and ``to_original``: the (2,3)
         similarity taking crop pixels back to the photo's pixels."""
+        faces, count = self._usable(image)
+        # The largest face that FaceMesh confirms: a false detection (a shoulder, a pattern) can
+        # be larger than the real face, and FaceMesh then finds nothing, or a face elsewhere.
+        for face in faces[:MAX_CANDIDATES]:
+            dense = self._confirmed(image, face)
+            if dense is not None:
+                return self._sample(image, face, dense, count)
+        raise FaceSkipped("no_landmarks", "FaceMesh found no face in the detected box")
+
+    def all_faces(self, image: np.ndarray, max_faces: int | None = None) -> list[dict]:
+        """Every face FaceMesh confirms among the usable detections, largest first, as
+        ``__call__``'s samples (at most `max_faces`). Raises FaceSkipped like ``__call__`` when
+        there is none."""
+        faces, count = self._usable(image)
+        samples = []
+        for face in faces:
+            dense = self._confirmed(image, face)
+            if dense is not None:
+                samples.append(self._sample(image, face, dense, count))
+            if max_faces is not None and len(samples) >= max_faces:
+                break
+        if not samples:
+            raise FaceSkipped("no_landmarks", "FaceMesh found no face in the detected boxes")
+        return samples
+
+    def _usable(self, image: np.ndarray) -> tuple[list[Face], int]:
+        """The detections large enough to use, largest first, and the number of detections."""
         faces = self.detector.detect(image)
         if not faces:
             raise FaceSkipped("no_face", "the detector found no face")
@@ -244,14 +271,17 @@ class FacePreprocessor:
         if not usable:
             raise FaceSkipped("tiny_face", f"largest face {faces[0].box[2]:.0f}x{faces[0].box[3]:.0f} px "
                                            f"(--min-face {self.min_face})")
-        # The largest face that FaceMesh confirms: a false detection (a shoulder, a pattern) can
-        # be larger than the real face, and FaceMesh then finds nothing, or a face elsewhere.
-        for face in usable[:MAX_CANDIDATES]:
-            dense = self.landmarker(image, face)
-            if dense is not None and _inside(dense[MEDIAPIPE_TO_68[17:]].mean(axis=0), face.box):
-                break
-        else:
-            raise FaceSkipped("no_landmarks", "FaceMesh found no face in the detected box")
+        return usable, len(faces)
+
+    def _confirmed(self, image: np.ndarray, face: Face) -> np.ndarray | None:
+        """FaceMesh's 478 points for the face in this detection's box, or None when it finds none
+        there (its brows' centre must fall inside the box)."""
+        dense = self.landmarker(image, face)
+        if dense is not None and _inside(dense[MEDIAPIPE_TO_68[17:]].mean(axis=0), face.box):
+            return dense
+        return None
+
+    def _sample(self, image: np.ndarray, face: Face, dense: np.ndarray, count: int) -> dict:
         to_crop = fit_similarity(alignment_points(dense), TEMPLATE_5 * self.size)
         dense_crop = apply_transform(to_crop, dense)
         inside_photo = warp_image(np.full(image.shape[:2], 255, np.uint8), to_crop, self.size) == 255
@@ -265,7 +295,7 @@ class FacePreprocessor:
             "dense_landmarks": dense_crop.astype(np.float32),
             "mask": skin_mask(regions),
             "regions": regions,
-            "meta": {"detector_score": round(face.score, 4), "n_faces": len(faces),
+            "meta": {"detector_score": round(face.score, 4), "n_faces": count,
                      "box": [round(float(v), 1) for v in face.box], "source_size": [image.shape[1], image.shape[0]],
                      "to_original": np.round(invert_transform(to_crop), 6).tolist()},
         }
