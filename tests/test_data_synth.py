@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from facelab.data import schema, synth
-from facelab.data.detect import TEMPLATE_5, alignment_points, apply_transform, fit_similarity
+from facelab.data.detect import TEMPLATE_5, alignment_points, apply_transform, fit_similarity, skin_mask
 from facelab.data.shards import read_index
 from facelab.render import MeshRenderer
 from facelab.render.camera import PerspectiveCamera, euler_to_matrix, perspective
@@ -62,10 +62,11 @@ def test_landmarks_and_vertices_are_recomputed_exactly_from_the_stored_parameter
     assert bool(inside.all()), "the default framing keeps every landmark in the crop"
 
 
-def test_mask_and_regions_equal_the_rendered_coverage_of_the_labelled_triangles(tmp_path, lite_model):
-    samples = write(tmp_path, lite_model, n=3)
+def test_visible_mouth_labels_equal_the_rendered_coverage_of_the_labelled_triangles(tmp_path, lite_model):
+    config = synth.SynthConfig.from_preset("default", image_size=SIZE, mouth_label="visible")
+    samples = write(tmp_path, lite_model, n=3, config=config)
     params = {key: stacked(samples, key) for key in samples[0]["params"]}
-    renderer = synth.SynthRenderer(lite_model, SIZE)
+    renderer = synth.SynthRenderer(lite_model, SIZE, mouth_label="visible")
     with torch.no_grad():  # the rasterizer's plain torch z-buffer, the reference of the compiled one
         verts = lite_model(params["shape"], params["expression"])
         full = torch.cat([verts, *renderer._fan_vertices(verts)], dim=1)
@@ -79,6 +80,69 @@ def test_mask_and_regions_equal_the_rendered_coverage_of_the_labelled_triangles(
     assert 0.2 < skin.mean() < 0.9
     for name in ("brows", "eyes", "lips", "mouth_interior"):  # every region is drawn somewhere
         assert (labels == schema.REGION_LABELS[name]).any(), name
+
+
+MOUTH = schema.REGION_LABELS["mouth_interior"]
+
+
+def open_mouths_turned_away(lite_model, n: int = 4) -> tuple[dict, dict, dict]:
+    """Parameters and renders (mouth_label projected, visible) of open mouths on heads turned
+    35 degrees, so that the near lip hides part of the mouth gap."""
+    config = synth.SynthConfig.from_preset("default", image_size=SIZE, yaw_deg=(35.0, 35.0), pitch_deg=(0.0, 0.0),
+                                           roll_deg=(0.0, 0.0), expression_active=0.0)
+    params = synth.sample_parameters(lite_model, config, synth.generator_for(6, 0, 0), n)
+    params["expression"][:, lite_model.expression_names.index("jawOpen")] = 0.6
+    projected = synth.SynthRenderer(lite_model, SIZE).render(params)
+    visible = synth.SynthRenderer(lite_model, SIZE, mouth_label="visible").render(params)
+    return params, projected, visible
+
+
+def pixel_centres_inside(polygon: np.ndarray, size: int) -> np.ndarray:
+    """(size,size) bool: the pixel centres (+0.5) inside a closed polygon (L,2) px, even-odd rule."""
+    x, y = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5)
+    inside = np.zeros((size, size), bool)
+    for (x0, y0), (x1, y1) in zip(polygon, np.roll(polygon, -1, axis=0)):
+        crosses = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside ^= crosses & (x < x0 + (y - y0) * (x1 - x0) / (y1 - y0))
+    return inside
+
+
+def test_projected_mouth_interior_is_the_inner_lip_polygon_drawn_over_the_lips(lite_model):
+    params, projected, visible = open_mouths_turned_away(lite_model)
+    with torch.no_grad():  # the inner-lip loop projected as detect.draw_regions fills it on photos
+        verts = lite_model(params["shape"], params["expression"])
+        rims, _ = synth.SynthRenderer(lite_model, SIZE).camera(params).project(verts[:, lite_model.mouth_loop])
+    polygons = np.stack([pixel_centres_inside(rim, SIZE) for rim in rims.numpy()])
+    mouth = projected["regions"] == MOUTH
+    assert polygons.sum((1, 2)).min() > 30, "the jaw is open"
+    assert (mouth != polygons).sum((1, 2)).max() <= 2, "only pixel centres on the polygon's edge may differ"
+    hidden = mouth & (visible["regions"] == schema.REGION_LABELS["lips"])
+    assert hidden.sum((1, 2)).min() >= 5, "the lip in front of the gap is drawn over"
+    # elsewhere the depth-tested labels stay, with the lip triangles of the inner rim as lips
+    lips_not_mouth = np.where(visible["regions"] == MOUTH, schema.REGION_LABELS["lips"], visible["regions"])
+    np.testing.assert_array_equal(projected["regions"][~mouth], lips_not_mouth[~mouth])
+
+
+def test_the_mouth_label_changes_labels_only(tmp_path, lite_model):
+    projected = write(tmp_path, lite_model, "projected", n=3, seed=4)
+    config = synth.SynthConfig.from_preset("default", image_size=SIZE, mouth_label="visible")
+    visible = write(tmp_path, lite_model, "visible", n=3, seed=4, config=config)
+    for a, b in zip(projected, visible):
+        for key in ("image", "landmarks", "dense_landmarks", "verts"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    regions = np.stack([sample["regions"] for sample in projected])
+    assert (regions != np.stack([sample["regions"] for sample in visible])).any()
+    masks = np.stack([sample["mask"] for sample in projected])
+    assert (regions == MOUTH).any() and not masks[regions == MOUTH].any(), "the mouth interior leaves the mask"
+    np.testing.assert_array_equal(masks, np.stack([skin_mask(labels) for labels in regions]))
+
+
+def test_the_projected_mouth_leaves_the_skin_mask(lite_model):
+    _, projected, visible = open_mouths_turned_away(lite_model)
+    mouth = projected["regions"] == MOUTH
+    assert not projected["mask"][mouth].any() and visible["mask"][mouth].any()
+    np.testing.assert_array_equal(projected["mask"], np.stack([skin_mask(labels) for labels in projected["regions"]]))
 
 
 def test_the_fast_render_matches_mesh_renderer_vertex_shading(lite_model):
@@ -314,6 +378,7 @@ def test_cli_writes_the_requested_count_with_a_progress_bar(tmp_path, capsys):
     (["--n", "2", "--backgrounds", "/nonexistent/folder"], "does not exist"),
     (["--n", "2", "--seed", "-1"], "non-negative"),
     (["--n", "2", "--set", "yaw_deg=30"], "expected a range"),
+    (["--n", "2", "--set", "mouth_label=depth"], "mouth_label"),
 ])
 def test_cli_rejects_bad_arguments_with_a_clear_message(tmp_path, capsys, arguments, message):
     from facelab.cli import main
@@ -352,3 +417,8 @@ def test_ensure_corpus_builds_train_and_held_out_test_once(tmp_path):
     assert read_index(root / "test")["info"]["complete"]
     with pytest.raises(ValueError, match="test_seed"):
         synth.corpus_settings({"synth": {"seed": 5, "test_seed": 5}})
+    index = json.loads((root / "train" / "index.json").read_text())
+    del index["info"]["settings"]["config"]["mouth_label"]  # as written before the setting existed
+    (root / "train" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="mouth_label: None there, 'projected' asked"):
+        synth.ensure_corpus(root, data, progress=False)

@@ -32,9 +32,17 @@ Choices made here (the design leaves them open):
   InverseFaceNet preset) still rasterizes them for the region map but leaves them transparent,
   so the background shows, as in the paper's masked renders.
 - Region labels come from the model's disjoint vertex regions by majority vote per triangle:
-  skin and nostrils -> skin, brows, eyes (+ eye fans) -> eyes, lips, inner_mouth (+ mouth fan) ->
-  mouth_interior. ``mask`` = skin + lips (the schema's "face skin": eyes, brows and mouth interior
-  excluded), from the hard (not antialiased) coverage.
+  skin and nostrils -> skin, brows -> brows, eyes (+ eye fans) -> eyes, lips -> lips, inner_mouth
+  (+ mouth fan) -> mouth_interior, read at each pixel centre from the visible triangle.
+  ``mask`` = skin + lips (the schema's "face skin": eyes, brows and mouth interior excluded) of
+  the final label map, from the hard (not antialiased) coverage, as ``detect.skin_mask``.
+- Mouth interior (``mouth_label``): ``projected`` (the default) labels it as
+  :func:`facelab.data.detect.draw_regions` does on photos: the whole 2D projection of the
+  inner-lip fan (the rim polygon), drawn over lips and skin whatever hides what (brows and eyes
+  stay on top, as there), and nothing else: the mesh's lip triangles on the inner rim that vote
+  inner_mouth become lips. Methods compare their own, depth-free projection of that fan with it.
+  ``visible`` keeps the depth-tested labels above (corpora written before this setting). The
+  colour image is the same either way.
 - Landmarks keep their projected positions when self-occluded (exact ground truth) with
   confidence 1; their indices go to ``meta["landmarks_occluded"]`` (a depth test against the
   render) and ``occluded_landmark_conf`` lowers their confidence if wanted.
@@ -88,6 +96,9 @@ GAMMA = 2.2
 ZNEAR, ZFAR = 10.0, 10000.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MASK_LABELS = ("skin", "lips")
+MOUTH_LABELS = ("projected", "visible")  # SynthConfig.mouth_label, see the module docstring
+#: labels that draw_regions paints after the mouth interior, so a projected mouth leaves them be
+OVER_MOUTH_LABELS = ("brows", "eyes")
 #: face-model region -> REGION_LABELS name (disjoint regions only; nose and jaw_contour overlap them)
 REGION_MAP = {"skin": "skin", "nostrils": "skin", "brows": "brows", "eyes": "eyes", "lips": "lips",
               "inner_mouth": "mouth_interior"}
@@ -164,6 +175,7 @@ class SynthConfig:
     background: str = "procedural"  # procedural | black | photos (needs backgrounds=DIR)
     fill_holes: bool = True
     antialias: bool = True
+    mouth_label: str = "projected"  # projected (the inner-lip fan's 2D projection, as detect.draw_regions) | visible
     occluded_landmark_conf: float = 1.0
     clip_pose_motion: float = 0.25  # clips: fraction of the way to a second draw over the clip
     clip_expression_motion: float = 1.0
@@ -186,7 +198,7 @@ class SynthConfig:
     def validate(self) -> None:
         choices = {"expression": ("sparse", "uniform", "normal"), "light": ("directional", "sh_uniform"),
                    "background": ("procedural", "black", "photos"), "expression_space": ("blendshape", "pca"),
-                   "framing": ("template", "box")}
+                   "framing": ("template", "box"), "mouth_label": MOUTH_LABELS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"synth {name}={getattr(self, name)!r}; valid: {', '.join(valid)}")
@@ -580,12 +592,16 @@ class SynthRenderer:
 
     image_size: pixels (square); fill_holes: draw the eye and mouth fans (else they stay
     transparent but keep their region labels); antialias: blend silhouettes
-    (``facelab.render.rasterize.antialias``)."""
+    (``facelab.render.rasterize.antialias``); mouth_label: ``projected`` or ``visible``
+    (``SynthConfig.mouth_label``)."""
 
     def __init__(self, face_model, image_size: int, fill_holes: bool = True, antialias: bool = True,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", mouth_label: str = "projected"):
+        if mouth_label not in MOUTH_LABELS:
+            raise ValueError(f"mouth_label={mouth_label!r}; valid: {', '.join(MOUTH_LABELS)}")
         self.model = face_model.to(device)
         self.size, self.fill_holes, self.antialias = int(image_size), fill_holes, antialias
+        self.mouth_label = mouth_label
         self.device = torch.device(device)
         triangles = face_model.triangles.cpu().numpy()
         self.num_mesh_triangles = len(triangles)
@@ -593,11 +609,21 @@ class SynthRenderer:
         self._fans = [(torch.as_tensor(fan.rim, device=device), fan.inward_mm) for fan in fans]
         fan_triangles, fan_labels, fan_albedo, fan_specular = _fan_topology(face_model, fans)
         self.triangles = torch.as_tensor(np.concatenate([triangles, fan_triangles]), dtype=torch.long, device=device)
+        mesh_labels = _triangle_labels(face_model, triangles)
+        mouth = REGION_LABELS["mouth_interior"]
+        mouth_fan = np.flatnonzero(fan_labels == mouth)
+        if mouth_label == "projected" and len(mouth_fan):
+            # the lip surface along the inner rim: outside the inner-lip polygon, so lips on photos
+            mesh_labels = np.where(mesh_labels == mouth, REGION_LABELS["lips"], mesh_labels).astype(np.uint8)
         # per-triangle tables, with a last row for background
-        labels = np.concatenate([_triangle_labels(face_model, triangles), fan_labels, [REGION_LABELS["background"]]])
+        labels = np.concatenate([mesh_labels, fan_labels, [REGION_LABELS["background"]]])
         self.labels = torch.as_tensor(labels, dtype=torch.uint8, device=device)
-        masked = np.isin(labels, [REGION_LABELS[name] for name in MASK_LABELS])
-        self.mask_values = torch.as_tensor(masked.astype(np.uint8) * 255, device=device)
+        self.mouth_triangles = self.triangles[torch.as_tensor(mouth_fan + len(triangles), device=device)]
+        label_values = np.arange(len(REGION_LABELS))  # per-label tables, indexed by a label map
+        masked = np.isin(label_values, [REGION_LABELS[name] for name in MASK_LABELS])
+        self.mask_of_label = torch.as_tensor(masked.astype(np.uint8) * 255, device=device)
+        over_mouth = np.isin(label_values, [REGION_LABELS[name] for name in OVER_MOUTH_LABELS])
+        self.kept_under_mouth = torch.as_tensor(over_mouth, device=device)
         self.opaque = (torch.arange(len(labels), device=device) < self.num_mesh_triangles).float()
         self.fan_albedo = torch.as_tensor(fan_albedo, dtype=torch.float32, device=device)
         self.fan_specular = torch.as_tensor(fan_specular, dtype=torch.float32, device=device)
@@ -645,13 +671,23 @@ class SynthRenderer:
             image = torch.addcmul(image, background.to(self.device), 1 - stacked[..., 3:].clamp(0, 1))
         image = image.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
         regions = self.labels.index_select(0, triangle_rows).reshape(batch, size, size)
-        mask = self.mask_values.index_select(0, triangle_rows).reshape(batch, size, size)
+        if self.mouth_label == "projected" and len(self.mouth_triangles):
+            regions = self._project_mouth(regions, clip)
+        mask = self.mask_of_label[regions.long()]
         landmarks, depth = camera.project(self.model.landmarks(verts))
         dense, _ = camera.project(self.model.dense_landmarks(verts))
         occluded = _occluded(landmarks, depth, z_ndc, ids >= 0)
         out = {"image": image, "mask": mask, "regions": regions, "landmarks": landmarks, "dense_landmarks": dense,
                "landmarks_occluded": occluded, "verts": verts}
         return {name: value.cpu().numpy() for name, value in out.items()}
+
+    def _project_mouth(self, regions: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """regions (B,H,W) uint8 with every pixel whose centre the mouth fan covers, hidden or
+        not, set to mouth_interior, except brows and eyes; clip: (B,V',4) all vertices, fans
+        included. The same rasterizer (and pixel-centre rule) as the visible labels."""
+        covered = visible_triangles(clip, self.mouth_triangles, self.size, self.size, "auto") >= 0
+        covered &= ~self.kept_under_mouth[regions.long()]
+        return regions.masked_fill(covered, REGION_LABELS["mouth_interior"])
 
     def _fan_vertices(self, verts: torch.Tensor) -> list[torch.Tensor]:
         """Each fan's vertices: copies of its rim (own normals, so the mesh's stay untouched) and
@@ -799,7 +835,8 @@ def write_corpus(out_dir: str | Path, n: int, config: SynthConfig | None = None,
     if face_model.expression_space != config.expression_space:
         raise ValueError(f"the face model's expression space is {face_model.expression_space!r}, the synth "
                          f"config's {config.expression_space!r}")
-    renderer = SynthRenderer(face_model, config.image_size, config.fill_holes, config.antialias, device)
+    renderer = SynthRenderer(face_model, config.image_size, config.fill_holes, config.antialias, device,
+                             config.mouth_label)
     photos = PhotoBackgrounds(backgrounds, config.image_size) if config.background == "photos" else None
     settings = {"n": n, "mode": mode, "group_size": frames if mode != "images" else None, "seed": seed,
                 "image_format": image_format, "config": config.to_dict()}
