@@ -270,7 +270,7 @@ def _parse_override(text: str) -> tuple[str, str, Any, str]:
         )
     if (op != "delete" and not has_value) or not _KEY_PATH.fullmatch(key):
         raise ConfigError(f"override '{text}' is malformed; accepted forms: {OVERRIDE_FORMS}")
-    return op, key, _parse_value(raw) if has_value else None, text
+    return op, key, parse_value(raw) if has_value else None, text
 
 
 def _walk(cfg: DictConfig, key: str, text: str) -> tuple[DictConfig | ListConfig, str]:
@@ -340,7 +340,7 @@ def _render(value: Any) -> str:
             repr(value), "-.inf"
         )
     if isinstance(value, str):
-        plain = _PLAIN_STRING.fullmatch(value) and _parse_value(value) == value
+        plain = _PLAIN_STRING.fullmatch(value) and parse_value(value) == value
         return value if plain else json.dumps(value)
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_render(str(k))}: {_render(v)}" for k, v in value.items()) + "}"
@@ -349,5 +349,6 @@ def _render(value: Any) -> str:
     raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as an override value")
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A command-line override's value as `facelab train` reads it (OmegaConf's dotlist rules)."""
     return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]

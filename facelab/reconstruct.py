@@ -418,10 +418,12 @@ def paste_render(photo: np.ndarray, render: torch.Tensor, alpha: torch.Tensor, t
 
     photo: (H,W,3) uint8; render: (3,S,S) float display colours; alpha: (1,S,S) coverage in [0,1];
     to_original: (2,3) crop pixels -> photo pixels. Returns (H,W,3) uint8."""
+    from facelab.data.detect import apply_transform
+
     height, width = photo.shape[:2]
     size = render.shape[-1]
     # only the crop's footprint (plus a pixel of bilinear fringe) is warped and blended
-    corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64) @ to_original[:, :2].T + to_original[:, 2]
+    corners = apply_transform(to_original, np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64))
     left, top = np.clip(np.floor(corners.min(axis=0)).astype(int) - 1, 0, [width, height])
     right, bottom = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, [width, height])
     result = photo.copy()
@@ -443,10 +445,12 @@ def paste_render(photo: np.ndarray, render: torch.Tensor, alpha: torch.Tensor, t
 
 def _over(columns: dict, crop: torch.Tensor) -> dict:
     """RGBA columns composited over the input crop; every column upscaled to DISPLAY_SIZE."""
+    from facelab.viz.grid import overlay
+
     shown = {}
     for name, image in columns.items():
         if image.shape[1] == 4:
-            image = image[:, :3].clamp(0, 1) * image[:, 3:] + crop * (1 - image[:, 3:])
+            image = overlay(crop, image[:, :3].clamp(0, 1), image[:, 3:], opacity=1.0)
         if image.shape[-1] < DISPLAY_SIZE:
             image = torch.nn.functional.interpolate(image, size=DISPLAY_SIZE, mode="bilinear", align_corners=False)
         shown[name] = image.clamp(0, 1)
@@ -484,9 +488,9 @@ def _rounded(array: np.ndarray) -> list:
 
 
 def _key_value(item: str) -> tuple[str, object]:
-    import yaml
+    from facelab.config import parse_value
 
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ReconstructError(f"--set {item!r}: expected KEY=VALUE, e.g. renderer.backend=torch")
-    return key, yaml.safe_load(value)
+    return key, parse_value(value)

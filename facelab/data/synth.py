@@ -408,18 +408,14 @@ def frame_faces(landmarks: torch.Tensor, rotation: torch.Tensor, focal: torch.Te
     (B,3,3); focal (B,); principal (B,2). A fixed-point iteration on distance and centre."""
     rotated = torch.einsum("bij,blj->bli", rotation, landmarks)
     low, high = rotated[..., :2].amin(1), rotated[..., :2].amax(1)
-    depth = focal * (high - low).amax(-1) / box_size
-    centre, aim = 0.5 * (low + high), target.clone()
-    flip = torch.tensor([1.0, -1.0])  # image y points down, camera y up
-    for _ in range(iterations):
-        offset = (aim - principal) * flip * (depth / focal)[:, None]
-        translation = torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
-        pixels, _ = perspective(landmarks, rotation, translation, focal, principal)
+
+    def measure(pixels: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         box_low, box_high = pixels.amin(1), pixels.amax(1)
-        depth = depth * (box_high - box_low).amax(-1) / box_size
-        aim = aim + target - 0.5 * (box_low + box_high)
-    offset = (aim - principal) * flip * (depth / focal)[:, None]
-    return torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
+        return depth * (box_high - box_low).amax(-1) / box_size, 0.5 * (box_low + box_high)
+
+    depth = focal * (high - low).amax(-1) / box_size
+    return _place(landmarks, rotation, focal, principal, target, depth, 0.5 * (low + high),
+                  rotated[..., 2].mean(1), measure, iterations)
 
 
 def align_faces(points: torch.Tensor, rotation: torch.Tensor, focal: torch.Tensor, principal: torch.Tensor,
@@ -428,23 +424,41 @@ def align_faces(points: torch.Tensor, rotation: torch.Tensor, focal: torch.Tenso
     (B,5,2) px as FacePreprocessor's similarity would, except for its rotation (the head's roll is
     kept): their centroid lands on the target's and the least-squares similarity from them to the
     target has scale 1. points: (B,M,3) model space, the dense landmarks ``ALIGNMENT_DENSE``;
-    rotation (B,3,3); focal (B,); principal (B,2). A fixed-point iteration on distance and centre,
-    as :func:`frame_faces`, started from the orthographic solution."""
+    rotation (B,3,3); focal (B,); principal (B,2). The fixed-point iteration of
+    :func:`frame_faces`, started from the orthographic solution."""
     weights = ALIGNMENT_WEIGHTS.to(points)
     rotated = torch.einsum("km,bmd->bkd", weights, torch.einsum("bij,bmj->bmi", rotation, points))
+
+    def measure(pixels: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        five = torch.einsum("km,bmd->bkd", weights, pixels)
+        return depth / _similarity_scale(five, target), five.mean(1)
+
     flip = torch.tensor([1.0, -1.0])  # image y points down, camera y up
     depth = focal / _similarity_scale(rotated[..., :2] * flip, target)  # the projection's scale is focal / depth
-    centre, goal = rotated[..., :2].mean(1), target.mean(1)
+    return _place(points, rotation, focal, principal, target.mean(1), depth, rotated[..., :2].mean(1),
+                  rotated[..., 2].mean(1), measure, iterations)
+
+
+def _place(points: torch.Tensor, rotation: torch.Tensor, focal: torch.Tensor, principal: torch.Tensor,
+           goal: torch.Tensor, depth: torch.Tensor, centre: torch.Tensor, mean_z: torch.Tensor,
+           measure, iterations: int) -> torch.Tensor:
+    """The fixed-point iteration behind frame_faces and align_faces: the translation (B,3) that
+    puts the rotated points' reference `centre` (B,2, model xy) at pixel `goal` (B,2) at distance
+    `depth` (B,) mm from the camera (`mean_z` (B,): their mean rotated z); after each projection,
+    measure(pixels, depth) gives the distance rescaled by projected over wanted size (B,) and the
+    projected centre (B,2), which moves the aim."""
+    flip = torch.tensor([1.0, -1.0])  # image y points down, camera y up
+
+    def translation(aim: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        offset = (aim - principal) * flip * (depth / focal)[:, None]
+        return torch.cat([offset - centre, -(depth + mean_z)[:, None]], dim=1)
+
     aim = goal.clone()
     for _ in range(iterations):
-        offset = (aim - principal) * flip * (depth / focal)[:, None]
-        translation = torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
-        pixels, _ = perspective(points, rotation, translation, focal, principal)
-        five = torch.einsum("km,bmd->bkd", weights, pixels)
-        depth = depth / _similarity_scale(five, target)
-        aim = aim + goal - five.mean(1)
-    offset = (aim - principal) * flip * (depth / focal)[:, None]
-    return torch.cat([offset - centre, -(depth + rotated[..., 2].mean(1))[:, None]], dim=1)
+        pixels, _ = perspective(points, rotation, translation(aim, depth), focal, principal)
+        depth, projected = measure(pixels, depth)
+        aim = aim + goal - projected
+    return translation(aim, depth)
 
 
 def _similarity_scale(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

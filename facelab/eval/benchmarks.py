@@ -33,7 +33,6 @@ from facelab.eval import metrics
 log = logging.getLogger(__name__)
 
 BENCHES = ("synthetic", "aflw2000", "scan")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 #: Scan-landmark layouts the scan benchmark accepts, by landmark count: the iBUG-68 index of each
 #: scan landmark in order, and the positions in that list of the subject's right and left outer
 #: eye corners and of the nose bottom (iBUG 33), which place the face crop. 7 is NoW's layout
@@ -59,11 +58,15 @@ class Candidate:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> dict[str, Any]:
-        images = images.to(self.method.device)
+        """The full prediction (parameters, geometry, renders) for (B,3,S,S) crops."""
+        return self.method.reconstruct(self.params(images))
+
+    @torch.no_grad()
+    def params(self, images: Tensor) -> dict[str, Tensor]:
+        """The predicted parameter groups alone (no decode, no render)."""
         if self.mean_face:
-            params = {k: v.to(self.method.device) for k, v in self.method.mean_params(len(images)).items()}
-            return self.method.reconstruct(params)
-        return self.method(images)
+            return {k: v.to(self.method.device) for k, v in self.method.mean_params(len(images)).items()}
+        return self.method.encode(images.to(self.method.device))
 
     @property
     def image_size(self) -> int:
@@ -284,9 +287,10 @@ def read_aflw2000(data: str | Path, image_size: int, limit: int | None = None,
 def photo_landmarks_3d(candidate: Candidate, out: Mapping[str, Any],
                        to_original: Tensor) -> tuple[Tensor, Tensor | None]:
     """Predicted 68 landmarks in photo pixels: (B,68,2) and (B,68,3) with z in pixel units
-    (+z toward the camera), or None for the latter when the method has no ``posed_vertices``. x, y are the projected landmarks mapped through the crop's
-    similarity; z is the posed landmark depth times a pixels-per-mm factor fitted between the
-    posed (x, -y) and the projections, so any camera model gives image-scaled depth."""
+    (+z toward the camera), or None for the latter when the method has no ``posed_vertices``.
+    x, y are the projected landmarks mapped through the crop's similarity; z is the posed
+    landmark depth times a pixels-per-mm factor fitted between the posed (x, -y) and the
+    projections, so any camera model gives image-scaled depth."""
     model = candidate.method.face_model
     crop = out["landmarks"].double()  # (B,68,2)
     affine = to_original.to(crop)  # (B,2,3)
@@ -294,8 +298,7 @@ def photo_landmarks_3d(candidate: Candidate, out: Mapping[str, Any],
     posed = out.get("posed_vertices")
     if posed is None:  # no 3D prediction in the camera frame: no 3D NME rather than a flat one
         return photo, None
-    points = model.landmarks(posed).double() if callable(getattr(model, "landmarks", None)) \
-        else posed[:, model.landmarks_68].double()
+    points = model.landmarks(posed).double()
     flat = torch.stack([points[..., 0], -points[..., 1]], dim=-1)
     centred = flat - flat.mean(dim=1, keepdim=True)
     target = crop - crop.mean(dim=1, keepdim=True)
@@ -348,9 +351,11 @@ class ScanSample:
 
 
 def find_scans(data: str | Path, limit: int | None = None) -> list[ScanSample]:
+    from facelab.data.prep import IMAGE_EXTENSIONS
+
     root = Path(data)
     samples = []
-    for photo in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []:
+    for photo in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []:
         scans = [photo.with_suffix(s) for s in (".obj", ".ply") if photo.with_suffix(s).is_file()]
         if scans:
             samples.append(ScanSample(photo.stem, photo, scans[0]))
@@ -392,7 +397,7 @@ def score_scans(candidate: Candidate, samples: Sequence[ScanSample], scores: Sco
                 raise ValueError(f"{sample.scan.name}: needs 5, 7 (NoW) or 68 landmarks, found "
                                  f"{0 if scan.landmarks is None else len(scan.landmarks)}")
             image = torch.from_numpy(crop["image"]).permute(2, 0, 1).float()[None] / 255
-            params = dict(candidate(image)["params"])
+            params = dict(candidate.params(image))
             params["expression"] = method.mean_params(1)["expression"].to(params["expression"])
             with torch.no_grad():
                 vertices = method.decode(params)["vertices"][0].double().cpu()

@@ -147,8 +147,7 @@ def landmark_error(predicted: Tensor, target: Tensor, normalize: str = "none",
         left, right = OUTER_EYE_CORNERS_68
         norm = (target[:, left] - target[:, right]).norm(dim=-1)
     elif normalize == "bbox":
-        size = target.amax(dim=1) - target.amin(dim=1)  # (B,2)
-        norm = (size[:, 0] * size[:, 1]).sqrt()
+        norm = landmark_box_size(target)
     else:
         return error
     return error / norm.clamp_min(1e-12)
@@ -181,8 +180,13 @@ def nme_aflw2000(predicted: Tensor, target: Tensor) -> Tensor:
     if predicted.shape[-1] == 3:
         predicted, target = _centre_depth(predicted), _centre_depth(target)
     distance = (predicted - target).square().sum(dim=-1).clamp_min(1e-20).sqrt().mean(dim=1)  # (B,)
-    size = target[..., :2].amax(dim=1) - target[..., :2].amin(dim=1)  # (B,2)
-    return distance / (size[:, 0] * size[:, 1]).sqrt().clamp_min(1e-12)
+    return distance / landmark_box_size(target).clamp_min(1e-12)
+
+
+def landmark_box_size(landmarks: Tensor) -> Tensor:
+    """(B,L,2+) -> (B,) sqrt(w*h) of each set's 2D (x, y) bounding box: the AFLW2000 normaliser."""
+    size = landmarks[..., :2].amax(dim=1) - landmarks[..., :2].amin(dim=1)  # (B,2)
+    return (size[:, 0] * size[:, 1]).sqrt()
 
 
 def _centre_depth(points: Tensor) -> Tensor:

@@ -77,9 +77,8 @@ def load_method(path: str, device: str = "cpu", overrides: dict | None = None):
     The run's config travels in the checkpoint (its hyperparameters), so the face model, the
     crop size and the method's options come back as they were trained; an option added to the
     method since then takes its current default; a run rendered with nvdiffrast renders with the
-    PyTorch backend off CUDA. overrides: dotted config
-    keys set before the method is built (e.g. {"renderer.backend": "torch"} to evaluate a GPU
-    run on a CPU)."""
+    PyTorch backend off CUDA. overrides: dotted config keys that the run config has, set before
+    the method is built (e.g. {"method.expression_activation": "linear"})."""
     from pathlib import Path
 
     import torch
@@ -127,5 +126,4 @@ def _with_current_defaults(saved):
     defaults = OmegaConf.load(path)
     for key in ("defaults", "global"):  # group-file directives, not method options
         defaults.pop(key, None)
-    merged = OmegaConf.merge(saved, {"method": OmegaConf.merge(defaults, saved.method)})
-    return merged
+    return OmegaConf.merge(saved, {"method": OmegaConf.merge(defaults, saved.method)})
